@@ -1,0 +1,99 @@
+"""Shared fixtures: real local services, skipped outside CI and required inside it.
+
+CI=true turns a missing Redis, PostgreSQL or Chromium into a loud failure, so a green CI
+run always means the service paths were exercised.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_ADMIN_URL = os.environ.get("BATCHLAB_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+REDIS_URL = os.environ.get("BATCHLAB_TEST_REDIS", "redis://127.0.0.1:6379")
+CHROMIUM = os.environ.get("BATCHLAB_CHROMIUM", "/usr/bin/chromium")
+
+
+def need(available: bool, what: str) -> None:
+    """Skip when a service is missing; fail instead under CI."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is required under CI=true but is not available", pytrace=False)
+    pytest.skip(f"{what} not available")
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis database number of its own, flushed before and after."""
+    need(_port_open("127.0.0.1", 6379), "Redis on 127.0.0.1:6379")
+    import redis
+
+    db = 9
+    url = f"{REDIS_URL}/{db}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture()
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    need(_port_open("127.0.0.1", 5432), "PostgreSQL on 127.0.0.1:5432")
+    import sqlalchemy as sa
+
+    name = f"batchlab_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(f"{PG_ADMIN_URL}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{PG_ADMIN_URL}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :n AND pid <> pg_backend_pid()"
+                ),
+                {"n": name},
+            )
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+@pytest.fixture()
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'batchlab.db'}"
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    need(shutil.which(CHROMIUM) is not None or os.path.exists(CHROMIUM), "Chromium")
+    return CHROMIUM
+
+
+@pytest.fixture()
+def batchlab_home(tmp_path, monkeypatch) -> str:
+    """An isolated BATCHLAB_HOME (database, broker, checkpoints) for one test."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("BATCHLAB_HOME", str(home))
+    monkeypatch.delenv("BATCHLAB_DATABASE_URL", raising=False)
+    monkeypatch.delenv("BATCHLAB_BROKER_URL", raising=False)
+    monkeypatch.delenv("BATCHLAB_TOKEN", raising=False)
+    return str(home)
