@@ -1,0 +1,113 @@
+"""batchlab's trainer against a plain PyTorch loop written the way seed 004 writes it.
+
+Same model (seed 004's SimpleModel), same data (synthetic 28x28 images), same batch,
+same optimizer; the plain loop uses a shuffling DataLoader and no metrics, batchlab's
+trainer logs every iteration's metrics to a JSONL sink. Runs alternate so both see the
+same machine load; the figure is the ratio of median samples per second.
+
+    .venv/bin/python bench/trainer_throughput.py --batch 256 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from trainer.data import load_datasets  # noqa: E402
+from trainer.models import build_model  # noqa: E402
+from trainer.sink import JsonlSink  # noqa: E402
+from trainer.spec import RunSpec  # noqa: E402
+
+
+def make_spec(batch: int, size: int, epochs: int) -> RunSpec:
+    return RunSpec(
+        model="simple_cnn",
+        dataset="synthetic",
+        dataset_size=size,
+        epochs=epochs,
+        workers=1,
+        batch_per_worker=batch,
+        base_lr=0.02,
+        ref_batch=batch,
+        warmup="none",
+        decay="constant",
+        momentum=0.5,
+        weight_decay=0.0,
+        norm="none",
+        eval_every=epochs,  # validate once, at the end, as the seed does per epoch
+        checkpoint=False,
+        device="cpu",
+    )
+
+
+def plain_loop(spec: RunSpec) -> float:
+    """Seed 004's loop: DataLoader(shuffle=True), forward, loss, zero_grad, backward, step."""
+    torch.manual_seed(spec.seed)
+    splits = load_datasets(spec)
+    loader = torch.utils.data.DataLoader(
+        splits.train, batch_size=spec.batch_per_worker, shuffle=True, drop_last=True
+    )
+    model = build_model(spec, num_classes=splits.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=spec.base_lr, momentum=spec.momentum)
+    model.train()
+    samples = 0
+    t0 = time.perf_counter()
+    for _ in range(spec.epochs):
+        for data, target in loader:
+            output = model(data)
+            loss = F.cross_entropy(output, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            samples += data.shape[0]
+    return samples / (time.perf_counter() - t0)
+
+
+def batchlab_loop(spec: RunSpec) -> float:
+    from trainer import fit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sink = JsonlSink(Path(tmp) / "metrics.jsonl")
+        t0 = time.perf_counter()
+        result = fit(spec, sink, run_dir=None, resume=False)
+        elapsed = time.perf_counter() - t0
+        sink.close()
+    samples = result.iterations * spec.total_batch
+    return samples / elapsed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[256])
+    ap.add_argument("--size", type=int, default=12800, help="synthetic samples (80%% train)")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| n | plain loop (samples/s) | batchlab trainer + JSONL sink (samples/s) | ratio |")
+    print("|---|---|---|---|")
+    for batch in args.batch:
+        spec = make_spec(batch, args.size, args.epochs)
+        load_datasets(spec)  # build the data once, outside the timings
+        plain, ours = [], []
+        for _ in range(args.repeats):
+            plain.append(plain_loop(spec))
+            ours.append(batchlab_loop(spec))
+        p, o = statistics.median(plain), statistics.median(ours)
+        print(f"| {batch} | {p:,.0f} | {o:,.0f} | {o / p:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
