@@ -1,0 +1,158 @@
+"""SQLAlchemy 2 models: runs, groups (sweeps / comparisons), metric points, workers.
+
+The schema itself is created by the Alembic migrations in store/migrations; these
+classes must match them (tests/test_migrations.py compares the two).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "diverged", "cancelled")
+FINAL_STATUSES = ("succeeded", "failed", "diverged", "cancelled")
+GROUP_KINDS = ("sweep", "compare")
+KEY_MAX_LEN = 64
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend.
+
+    PostgreSQL stores ``timestamptz``; SQLite has no time zones, so values are stored as
+    naive UTC and get their ``tzinfo`` back when read. Naive input is taken as UTC.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# Explicit constraint names: Alembic needs them to alter constraints later, on SQLite too.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: sa.JSON, list[Any]: sa.JSON}
+
+
+class Group(Base):
+    """A sweep over batch sizes (and seeds) or a hand-made comparison of runs."""
+
+    __tablename__ = "groups"
+    __table_args__ = (sa.CheckConstraint("kind IN ('sweep', 'compare')", name="kind"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    spec: Mapped[dict[str, Any] | None] = mapped_column()
+    batch_sizes: Mapped[list[Any] | None] = mapped_column()
+    seeds: Mapped[list[Any] | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    # selectin: group_to_dict works on a group whose session is closed.
+    runs: Mapped[list[Run]] = relationship(
+        back_populates="group", lazy="selectin", order_by="Run.id"
+    )
+
+
+class Run(Base):
+    """One training run and its lifecycle (queued -> running -> a final status)."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        sa.CheckConstraint(
+            "status IN ('queued', 'running', 'succeeded', 'failed', 'diverged', 'cancelled')",
+            name="status",
+        ),
+        # No id reuse after a delete: caches and browser tabs key on run ids.
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    status: Mapped[str] = mapped_column(sa.String(16), default="queued", index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    host: Mapped[str | None] = mapped_column(sa.String(200))
+    gpus: Mapped[str | None] = mapped_column(sa.String(200))
+    worker: Mapped[str | None] = mapped_column(sa.String(200))
+    task_id: Mapped[str | None] = mapped_column(sa.String(200))
+    attempts: Mapped[int] = mapped_column(default=0)
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    diverged_step: Mapped[int | None] = mapped_column()
+    summary: Mapped[dict[str, Any] | None] = mapped_column()
+    progress: Mapped[float] = mapped_column(sa.Double, default=0.0)
+    eta_s: Mapped[float | None] = mapped_column(sa.Double)
+    group_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("groups.id", ondelete="SET NULL"), index=True
+    )
+    baseline_id: Mapped[int | None] = mapped_column(sa.ForeignKey("runs.id", ondelete="SET NULL"))
+    is_baseline: Mapped[bool] = mapped_column(default=False)
+
+    group: Mapped[Group | None] = relationship(back_populates="runs", lazy="raise")
+
+
+class MetricPoint(Base):
+    """One value of one metric key at one iteration of a run.
+
+    ``value`` is nullable only because SQLite stores NaN as NULL; a NULL reads as NaN.
+
+    ``run_id`` deliberately has no foreign key: PostgreSQL checks one per inserted row
+    (a trigger and a lookup each), which cost a third of the ingest rate (see
+    docs/benchmarks/store.md). Integrity is kept per batch instead: the metric writer
+    locks the run row (``FOR KEY SHARE`` / SQLite's write lock) before inserting and
+    drops the batch if the run is gone, and ``store.runs.delete_run`` deletes the run
+    row before its points, so a concurrent batch is either blocked or deleted with them.
+    """
+
+    __tablename__ = "metric_points"
+    # SQLite: cluster rows by the primary key so a series is one contiguous range.
+    __table_args__ = {"sqlite_with_rowid": False}
+
+    run_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    key: Mapped[str] = mapped_column(sa.String(KEY_MAX_LEN), primary_key=True)
+    step: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
+    epoch: Mapped[float] = mapped_column(sa.Double)
+    wall_time: Mapped[float] = mapped_column(sa.Double)
+    value: Mapped[float | None] = mapped_column(sa.Double)
+
+
+class WorkerBeat(Base):
+    """The last sign of life of one Celery worker process."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(sa.String(200))
+    gpus: Mapped[str] = mapped_column(sa.String(200), default="")
+    queues: Mapped[list[Any]] = mapped_column(default=list)
+    active_run_id: Mapped[int | None] = mapped_column(sa.ForeignKey("runs.id", ondelete="SET NULL"))
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)
