@@ -1,0 +1,98 @@
+"""The planned LR schedule, the workers, and the service's health."""
+
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+from typing import Any
+
+import anyio
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Query
+from starlette.concurrency import run_in_threadpool
+
+from server.deps import Context, get_ctx
+from server.encode import FastJSONResponse
+from server.schemas import HealthOut, SchedulePreview, WorkersOut
+from trainer.schedule import schedule_preview
+from trainer.spec import RunSpec
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api", tags=["meta"])
+
+# A health check must answer even when a dependency hangs (a firewalled Redis).
+CHECK_TIMEOUT_S = 3.0
+
+
+def _version() -> str:
+    try:
+        return metadata.version("batchlab")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+VERSION = _version()
+
+
+@router.post(
+    "/schedule",
+    response_model=SchedulePreview,
+    summary="The planned LR curve of a spec, without training (stores nothing, no token)",
+)
+def schedule(spec: RunSpec, max_points: int = Query(2000, ge=2, le=100_000)) -> dict[str, Any]:
+    # The body *is* the spec, so a bad field answers 422 with loc ["body", "<field>"].
+    return schedule_preview(spec, max_points=max_points)
+
+
+@router.get("/workers", response_model=WorkersOut, summary="Workers and queued messages")
+async def workers(ctx: Context = Depends(get_ctx)) -> Any:
+    from worker.celery_app import inspect_workers
+
+    return await run_in_threadpool(inspect_workers, ctx.engine, celery_app=ctx.celery)
+
+
+def check_database(ctx: Context) -> str:
+    with ctx.engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    return "ok" if ctx.migrated else "not migrated"
+
+
+def check_broker(ctx: Context) -> str:
+    with ctx.celery.connection_for_write() as conn:
+        # One attempt, no back-off sleep: a health check reports, it does not wait.
+        conn.ensure_connection(
+            max_retries=1, interval_start=0, interval_step=0, timeout=CHECK_TIMEOUT_S
+        )
+        conn.default_channel  # noqa: B018 - opening a channel is the real check on SQLAlchemy
+    return "ok"
+
+
+async def _timed(check: Any, ctx: Context) -> str:
+    try:
+        with anyio.fail_after(CHECK_TIMEOUT_S):
+            # abandon_on_cancel: stop waiting for a hung connect; the thread ends later.
+            return await anyio.to_thread.run_sync(check, ctx, abandon_on_cancel=True)
+    except TimeoutError:
+        return f"error: no answer within {CHECK_TIMEOUT_S:.0f} s"
+    except Exception as err:  # any failure is the answer here, not a 500
+        return f"error: {type(err).__name__}: {err}"[:300]
+
+
+@router.get(
+    "/health",
+    response_model=HealthOut,
+    summary="Database and broker reachability (503 when the database is down)",
+    responses={503: {"model": HealthOut, "description": "The database does not answer."}},
+)
+async def health(ctx: Context = Depends(get_ctx)) -> Any:
+    database = await _timed(check_database, ctx)
+    broker = await _timed(check_broker, ctx)
+    db_ok = database == "ok"
+    body = {
+        "status": "ok" if db_ok and broker == "ok" else ("degraded" if db_ok else "error"),
+        "database": database,
+        "broker": broker,
+        "version": VERSION,
+        "auth": ctx.settings.token is not None,
+    }
+    return FastJSONResponse(body, status_code=200 if db_ok else 503)
