@@ -1,0 +1,338 @@
+"""Dashboard speed in headless Chromium against the real API server.
+
+1. Compare view: ``--runs`` runs of ``--points`` iterations each (train_err and lr at every
+   iteration, val_err each epoch) are written through ``store.metrics.MetricWriter``;
+   the compare view opens on all of them. Measured: milliseconds from navigation start
+   to the view's ``batchlab:drawn`` event (every trace drawn), first with an empty
+   browser cache (Plotly.js downloaded and compiled) and then again in the same context,
+   plus the /api/metrics request and the Plotly drawing alone.
+2. Live latency: a run page is open on a running run; points are logged one at a time
+   through a MetricWriter (the trainer's DbSink path) at ``--rate`` per second. For each
+   point: time from ``writer.add`` to the page's draw event that holds it (the page
+   appends with Plotly.extendTraces and then announces the step it drew). Both clocks
+   are this machine's wall clock (Python time.time, browser Date.now).
+
+    .venv/bin/python bench/browser_perf.py                 # 20 runs x 100,000 points
+    .venv/bin/python bench/browser_perf.py --runs 5 --points 20000 --live-points 50
+
+Needs Debian's Chromium (/usr/bin/chromium, or BATCHLAB_CHROMIUM). Prints a Markdown
+table (docs/benchmarks/frontend.md records it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+CHROMIUM = os.environ.get("BATCHLAB_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+DRAWN_RECORDER = (
+    "window.__drawn = [];"
+    "document.addEventListener('batchlab:drawn', (e) => window.__drawn.push("
+    "{...e.detail, t: performance.now(), wall: Date.now()}));"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(home: Path, database_url: str | None) -> tuple[subprocess.Popen, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHLAB_")}
+    env["BATCHLAB_HOME"] = str(home)
+    if database_url:
+        env["BATCHLAB_DATABASE_URL"] = database_url
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "server.app:create_app",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--timeout-graceful-shutdown",
+        "2",
+    ]
+    log = (home / "api.log").open("wb")
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {(home / 'api.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/api/health", timeout=2).json().get("database") == "ok":
+                return proc, url
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit("server did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def spec_for(total_batch: int, seed: int) -> dict[str, Any]:
+    from trainer.spec import RunSpec
+
+    return RunSpec(
+        model="mlp",
+        dataset="synthetic",
+        dataset_size=1_280_000,
+        epochs=90,
+        workers=total_batch // 32,
+        batch_per_worker=32,
+        seed=seed,
+    ).model_dump()
+
+
+def seed_runs(engine: Any, n_runs: int, points: int) -> list[int]:
+    """n_runs finished runs of ``points`` iterations (train_err, lr) + val_err per epoch."""
+    from store import db, runs
+    from store.metrics import MetricWriter
+
+    ids: list[int] = []
+    sizes = [256 * 2**i for i in range(6)]
+    for i in range(n_runs):
+        kn = sizes[i % len(sizes)]
+        spec = spec_for(kn, seed=i // len(sizes))
+        with db.session(engine) as s:
+            run = runs.create_run(s, name=f"perf kn={kn} #{i}", spec=spec, is_baseline=i == 0)
+            ids.append(run.id)
+        rng = random.Random(i)
+        per_epoch = max(1, points // 90)
+        lr = 0.1 * kn / 256
+        with MetricWriter(engine, run.id, max_pending=20_000) as w:
+            for step in range(points):
+                epoch = (step + 1) / per_epoch
+                err = 0.25 + 0.7 * math.exp(-epoch / 20) + rng.gauss(0, 0.02)
+                values = {"train_err": err, "lr": lr * 0.1 ** sum(epoch >= m for m in (30, 60, 80))}
+                if (step + 1) % per_epoch == 0:
+                    values["val_err"] = err + 0.02
+                w.add(step, values, epoch=epoch, wall_time=0.05 * step)
+        with db.session(engine) as s:
+            runs.mark_running(s, run.id, host="bench", gpus="", worker="bench")
+            runs.mark_finished(s, run.id, "succeeded", summary={"final_val_err": 0.25})
+    return ids
+
+
+RESOURCE_TIMING = """() => {
+    const r = performance.getEntriesByType('resource');
+    const last = (s) => r.filter((e) => e.name.includes(s)).at(-1);
+    const m = last('/api/metrics'), p = last('plotly.min.js');
+    return {metrics_ms: m && m.duration, metrics_end: m && m.responseEnd,
+            metrics_bytes: m && m.transferSize, plotly_ms: p ? p.duration : 0};
+}"""
+
+
+def measure_compare(browser: Any, url: str, ids: list[int], repeats: int) -> list[dict]:
+    """Page loads (the first with every cache empty), then in-app navigations."""
+    route = f"#/compare?runs={','.join(map(str, ids))}&baseline={ids[0]}"
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    context.add_init_script(DRAWN_RECORDER)
+    out = []
+    page = None
+    for i in range(repeats):
+        if page:
+            page.close()
+        page = context.new_page()
+        page.goto(f"{url}/{route}")
+        page.wait_for_function("window.__drawn.some((d) => d.view === 'compare')", timeout=120_000)
+        drawn = page.evaluate("window.__drawn.find((d) => d.view === 'compare')")
+        label = "first page load (caches empty)" if i == 0 else "page load (caches warm)"
+        out.append({"load": label, "total_ms": drawn["t"], **_details(page, drawn)})
+    # Within the app (Runs -> Compare): Plotly is already compiled.
+    for _ in range(repeats):
+        page.evaluate("location.hash = '#/runs'")
+        page.wait_for_selector(".runs-view")
+        t0 = page.evaluate(
+            """(route) => { window.__drawn = []; const t = performance.now();
+                location.hash = route; return t; }""",
+            route,
+        )
+        page.wait_for_function("window.__drawn.some((d) => d.view === 'compare')", timeout=60_000)
+        drawn = page.evaluate("window.__drawn.find((d) => d.view === 'compare')")
+        details = _details(page, drawn)
+        details["metrics_end"] -= t0
+        details["plotly_ms"] = None  # compiled at the page load, not fetched again
+        out.append({"load": "in-app navigation", "total_ms": drawn["t"] - t0, **details})
+    context.close()
+    return out
+
+
+def _details(page: Any, drawn: dict) -> dict:
+    points = page.evaluate(
+        "document.getElementById('compare-chart').data.reduce((a, t) => a + t.x.length, 0)"
+    )
+    return {
+        "draw_ms": drawn["ms"],
+        "traces": drawn["traces"],
+        "points": points,
+        **page.evaluate(RESOURCE_TIMING),
+    }
+
+
+def server_alone(url: str, ids: list[int], repeats: int = 3) -> list[float]:
+    """The same /api/metrics read from Python, nothing else running (ms)."""
+    runs = ",".join(map(str, ids))
+    q = f"{url}/api/metrics?runs={runs}&keys=train_err,lr&x=epoch&max_points=1500"
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        httpx.get(q, timeout=60).raise_for_status()
+        times.append(1000 * (time.perf_counter() - t))
+    return times
+
+
+def measure_live(browser: Any, url: str, engine: Any, n_points: int, rate: float) -> list[float]:
+    from store import db, runs
+    from store.metrics import MetricWriter
+
+    spec = spec_for(1024, seed=0)
+    with db.session(engine) as s:
+        run_id = runs.create_run(s, name="perf live", spec=spec).id
+        runs.mark_running(s, run_id, host="bench", gpus="", worker="bench")
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    context.add_init_script(DRAWN_RECORDER)
+    page = context.new_page()
+    page.goto(f"{url}/#/run/{run_id}")
+    page.wait_for_function("window.__drawn.some((d) => d.view === 'run')", timeout=60_000)
+    time.sleep(1.0)  # the stream is connected after the (empty) history is drawn
+    logged: dict[int, float] = {}
+    with MetricWriter(engine, run_id) as writer:  # flushes every 250 ms, as the DbSink
+        for step in range(n_points):
+            logged[step] = time.time() * 1000
+            writer.add(step, {"loss": 2.0 - step / n_points}, epoch=step / 100, wall_time=step)
+            time.sleep(1 / rate)
+    page.wait_for_function(
+        "(n) => window.__drawn.some((d) => d.view === 'run' && d.lastStep.loss >= n)",
+        arg=n_points - 1,
+        timeout=30_000,
+    )
+    draws = page.evaluate(
+        "window.__drawn.filter((d) => d.view === 'run').map((d) => [d.wall, d.lastStep.loss])"
+    )
+    with db.session(engine) as s:
+        runs.mark_finished(s, run_id, "succeeded")
+    context.close()
+    latencies = []
+    for step, t_log in logged.items():
+        t_seen = min(wall for wall, last in draws if last >= step)
+        latencies.append(t_seen - t_log)
+    return latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--points", type=int, default=100_000, help="iterations per run")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="page loads (1st cold), then in-app navigations"
+    )
+    ap.add_argument("--live-points", type=int, default=100)
+    ap.add_argument("--rate", type=float, default=10.0, help="live points per second")
+    ap.add_argument("--database-url", default=None, help="default: SQLite in a temp home")
+    args = ap.parse_args()
+
+    from playwright.sync_api import sync_playwright
+
+    from store import db
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        url_db = args.database_url or f"sqlite:///{home / 'batchlab.db'}"
+        engine = db.get_engine(url_db)
+        db.migrate(engine)
+        t0 = time.perf_counter()
+        ids = seed_runs(engine, args.runs, args.points)
+        seed_s = time.perf_counter() - t0
+        proc, url = start_server(home, args.database_url)
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                loads = measure_compare(browser, url, ids, args.repeats)
+                alone = server_alone(url, ids)
+                lat = measure_live(browser, url, engine, args.live_points, args.rate)
+                browser.close()
+        finally:
+            stop(proc)
+            engine.dispose()
+
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f}; database: {engine.dialect.name}"
+    )
+    print(f"seeded {args.runs} runs x {args.points} iterations in {seed_s:.1f} s\n")
+    print(
+        "| compare load | all traces drawn (ms) | /api/metrics (ms) | transfer (KB) "
+        "| Plotly.js fetch (ms) | data in -> drawn (ms) | Plotly draw (ms) | traces "
+        "| points drawn |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in loads:
+        print(
+            f"| {r['load']} | {r['total_ms']:.0f} | {r['metrics_ms']:.0f} | "
+            f"{(r['metrics_bytes'] or 0) / 1024:.0f} | "
+            f"{'–' if r['plotly_ms'] is None else round(r['plotly_ms'])} | "
+            f"{r['total_ms'] - r['metrics_end']:.0f} | {r['draw_ms']:.0f} | {r['traces']} | "
+            f"{r['points']} |"
+        )
+    for label in ("page load (caches warm)", "in-app navigation"):
+        got = [r["total_ms"] for r in loads if r["load"] == label]
+        if got:
+            print(f"\n{label}: median {statistics.median(got):.0f} ms")
+    print(
+        "\n/api/metrics from Python (gzip), same query, nothing else running: "
+        + ", ".join(f"{t:.0f}" for t in alone)
+        + " ms"
+    )
+    print(
+        f"\nlive latency, {len(lat)} points at {args.rate:g}/s, log -> drawn (ms): "
+        f"p50 {pct(lat, 50):.0f}, p95 {pct(lat, 95):.0f}, max {max(lat):.0f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+// #/sweep/ID?err=final|median5|best : a batch-size sweep. Final validation error against
+// total batch size on a log2 axis with the baseline's error as a band (Figure 1 of Goyal
+// et al.), and seed 004's table: per batch size, iterations and time to the target
+// accuracy, loss oscillation, throughput and final error.
+
+import { api, ApiError } from './api.js';
+import { escapeHtml, h, replace, setText } from './escape.js';
+import { duration, formatKn, num, pct, TERMINAL } from './format.js';
+import {
+  announceDrawn,
+  axis,
+  BASELINE_COLOR,
+  baseLayout,
+  colorAt,
+  loadPlotly,
+  log2Ticks,
+  PLOT_CONFIG,
+  purge,
+  withAlpha,
+} from './plots.js';
+import { href, replaceQuery } from './router.js';
+import { meanStd } from './smoothing.js';
+
+const LIVE_MS = 3000;
+const ERR_FIELDS = {
+  final: ['final_val_err', 'final validation error (%)'],
+  median5: ['median_last5_val_err', 'median of last 5 validation errors (%)'],
+  best: ['best_val_err', 'best validation error (%)'],
+};
+
+/** Rows grouped by total batch (baseline rows apart), sorted by k·n. */
+export function byBatch(rows) {
+  const map = new Map();
+  for (const row of rows) {
+    const key = `${row.is_baseline ? 'b' : 'r'}${row.total_batch}`;
+    if (!map.has(key)) map.set(key, { kn: row.total_batch, baseline: Boolean(row.is_baseline), rows: [] });
+    map.get(key).rows.push(row);
+  }
+  return [...map.values()].sort((a, b) => a.kn - b.kn || b.baseline - a.baseline);
+}
+
+export async function mount(root, route) {
+  const id = route.id;
+  let errKey = ERR_FIELDS[route.query.get('err')] ? route.query.get('err') : 'final';
+  let stopped = false;
+  let timer = null;
+  let last = null;
+
+  const title = h('h1', null, `sweep ${id}`);
+  const info = h('p', { class: 'muted' });
+  const progress = h('span', { class: 'muted small' });
+  const errSel = h(
+    'select',
+    { name: 'err', title: 'which validation error', onchange: () => {
+      errKey = errSel.value;
+      replaceQuery({ err: errKey === 'final' ? '' : errKey });
+      if (last) draw(last);
+    } },
+    Object.entries(ERR_FIELDS).map(([k, [, label]]) => h('option', { value: k }, label.replace(' (%)', ''))),
+  );
+  errSel.value = errKey;
+  const compareLink = h('a', { class: 'button', href: href('compare', { group: id }) }, 'Compare curves');
+  const chart = h('div', { class: 'chart sweep-chart', id: 'sweep-chart' });
+  const table = h('div', { class: 'table-wrap' });
+  const note = h('p', { class: 'muted small' });
+
+  replace(
+    root,
+    h(
+      'section',
+      { class: 'view sweep-view' },
+      h('div', { class: 'toolbar' }, title, progress, h('span', { class: 'spacer' }), errSel, compareLink),
+      info,
+      h('h2', null, 'Error against minibatch size'),
+      chart,
+      h('h2', null, 'Per batch size'),
+      note,
+      table,
+    ),
+  );
+
+  function render(res) {
+    const sweep = res.sweep || {};
+    const spec = sweep.spec || {};
+    setText(title, sweep.name ? `${sweep.name}` : `sweep ${id}`);
+    title.title = `sweep ${id}`;
+    const runs = res.runs || [];
+    const done = runs.filter((r) => TERMINAL.has(r.status)).length;
+    const running = runs.filter((r) => r.status === 'running').length;
+    setText(progress, `${done}/${runs.length} finished${running ? `, ${running} running` : ''}`);
+    const parts = [
+      spec.model && `${spec.model} on ${spec.dataset}`,
+      spec.epochs && `${spec.epochs} epochs`,
+      spec.base_lr != null && `η=${num(spec.base_lr)} per ${spec.ref_batch}, ${spec.scaling} scaling`,
+      spec.warmup && (spec.warmup === 'none' ? 'no warmup' : `${spec.warmup} warmup ${num(spec.warmup_epochs)} epochs`),
+      spec.norm && `norm ${spec.norm}`,
+      sweep.seeds && `seeds ${sweep.seeds.join(', ')}`,
+    ].filter(Boolean);
+    setText(info, parts.join(' · '));
+    const target = spec.target_accuracy;
+    setText(
+      note,
+      target != null
+        ? `Target: ${pct(target, 1)} validation accuracy (error ${pct(1 - target, 1)}). Means over seeds; ± is the standard deviation.`
+        : 'No target_accuracy in this sweep’s spec: time and iterations to target stay empty. Means over seeds; ± is the standard deviation.',
+    );
+    renderTable(res);
+  }
+
+  function cell(values, fmt, reachedOf) {
+    const ms = meanStd(values);
+    if (!ms.n) return reachedOf ? h('td', { class: 'num muted' }, reachedOf) : h('td', { class: 'num muted' }, '–');
+    const text = `${fmt(ms.mean)}${ms.n > 1 && ms.std > 0 ? ` ± ${fmt(ms.std)}` : ''}`;
+    return h('td', { class: 'num' }, text, reachedOf && ms.n < values.length ? h('small', { class: 'muted' }, ` (${ms.n}/${values.length})`) : '');
+  }
+
+  function renderTable(res) {
+    const rows = res.summary || [];
+    const groups = byBatch(rows);
+    const runsById = new Map((res.runs || []).map((r) => [r.id, r]));
+    const baselineIds = rows.filter((r) => r.is_baseline).map((r) => r.run_id);
+    const head = ['k·n', 'k × n', 'peak LR', 'runs', 'iters to target', 'epochs to target', 'time to target', 'loss oscillation', 'samples/s', 'wall time', 'final val err', 'median last 5', 'best'];
+    const body = groups.map((g) => {
+      const first = g.rows[0];
+      const statuses = [...new Set(g.rows.map((r) => r.status))];
+      const allDone = g.rows.every((r) => TERMINAL.has(r.status));
+      const notReached = allDone ? 'not reached' : '…';
+      const ids = [...new Set([...g.rows.map((r) => r.run_id), ...baselineIds])].sort((a, b) => a - b);
+      const link = href('compare', { runs: ids, baseline: baselineIds[0] ?? '' });
+      return h(
+        'tr',
+        { class: g.baseline ? 'baseline' : '', dataset: { kn: String(g.kn) } },
+        h('td', { class: 'num' }, h('a', { href: link, title: 'compare with the baseline' }, formatKn(g.kn)), g.baseline ? h('span', { class: 'tag' }, 'baseline') : ''),
+        h('td', null, `${first.workers} × ${first.batch_per_worker}`),
+        h('td', { class: 'num' }, num(first.peak_lr)),
+        h(
+          'td',
+          null,
+          g.rows.map((r, i) => [i ? ' ' : '', h('a', { href: `#/run/${r.run_id}`, class: `badge s-${r.status}`, title: `${runsById.get(r.run_id)?.name || ''} seed ${r.seed}: ${r.status}` }, String(r.run_id))]),
+          statuses.length === 1 && statuses[0] !== 'succeeded' ? h('small', { class: 'muted' }, ` ${statuses[0]}`) : '',
+        ),
+        cell(g.rows.map((r) => r.iters_to_target), (v) => num(v, 4), notReached),
+        cell(g.rows.map((r) => r.epochs_to_target), (v) => num(v, 3), notReached),
+        cell(g.rows.map((r) => r.time_to_target_s), (v) => duration(v), notReached),
+        cell(g.rows.map((r) => r.loss_oscillation), (v) => num(v, 3)),
+        cell(g.rows.map((r) => r.samples_per_s), (v) => num(v, 4)),
+        cell(g.rows.map((r) => r.wall_time_s), (v) => duration(v)),
+        cell(g.rows.map((r) => r.final_val_err), (v) => pct(v)),
+        cell(g.rows.map((r) => r.median_last5_val_err), (v) => pct(v)),
+        cell(g.rows.map((r) => r.best_val_err), (v) => pct(v)),
+      );
+    });
+    replace(
+      table,
+      h(
+        'table',
+        { class: 'grid sweep-table' },
+        h('thead', null, h('tr', null, head.map((t, i) => h('th', { class: i === 1 || i === 3 ? '' : 'num' }, t)))),
+        h('tbody', null, body),
+      ),
+    );
+  }
+
+  async function draw(res) {
+    const Plotly = await loadPlotly();
+    if (stopped) return;
+    const [field, label] = ERR_FIELDS[errKey];
+    const rows = res.summary || [];
+    const main = rows.filter((r) => !r.is_baseline);
+    const base = rows.filter((r) => r.is_baseline);
+    const traces = [];
+    const kns = rows.map((r) => r.total_batch).filter((v) => v > 0);
+    const ticks = log2Ticks(kns);
+    const lo = ticks.tickvals.length ? ticks.tickvals[0] / 1.4 : 1;
+    const hi = ticks.tickvals.length ? ticks.tickvals[ticks.tickvals.length - 1] * 1.4 : 2;
+    const baseStats = meanStd(base.map((r) => r[field]));
+    if (baseStats.n) {
+      const m = 100 * baseStats.mean;
+      const sd = 100 * baseStats.std;
+      const bkn = base[0].total_batch;
+      const spread = sd > 0 ? ` ± ${sd.toFixed(2)}` : '';
+      const bandLabel = `baseline kn=${formatKn(bkn)}: ${m.toFixed(2)}%${spread}${baseStats.n > 1 ? ` (${baseStats.n} seeds)` : ''}`;
+      traces.push({
+        type: 'scatter', mode: 'lines', x: [lo, hi], y: [m - sd, m - sd],
+        line: { width: 0 }, hoverinfo: 'skip', showlegend: false, meta: { role: 'band-lo' },
+      });
+      traces.push({
+        type: 'scatter', mode: 'lines', x: [lo, hi], y: [m + sd, m + sd], fill: 'tonexty',
+        fillcolor: withAlpha(BASELINE_COLOR, 0.1), line: { width: 0 }, hoverinfo: 'skip',
+        showlegend: false, meta: { role: 'band-hi' },
+      });
+      traces.push({
+        type: 'scatter', mode: 'lines', x: [lo, hi], y: [m, m], name: escapeHtml(bandLabel),
+        line: { color: BASELINE_COLOR, width: 1.2, dash: 'dash' }, hoverinfo: 'skip', meta: { role: 'baseline' },
+      });
+    }
+    // Each seed as a small point, the mean per batch size as the curve.
+    const seedsX = [];
+    const seedsY = [];
+    const seedsText = [];
+    for (const r of main) {
+      if (r[field] == null) continue;
+      seedsX.push(r.total_batch);
+      seedsY.push(100 * r[field]);
+      seedsText.push(`run ${r.run_id}, seed ${r.seed}`);
+    }
+    const meanX = [];
+    const meanY = [];
+    const meanErr = [];
+    for (const g of byBatch(main)) {
+      const ms = meanStd(g.rows.map((r) => r[field]));
+      if (!ms.n) continue;
+      meanX.push(g.kn);
+      meanY.push(100 * ms.mean);
+      meanErr.push(100 * ms.std);
+    }
+    const color = colorAt(0);
+    traces.push({
+      type: 'scatter', mode: 'markers', x: seedsX, y: seedsY, text: seedsText, name: 'each run',
+      marker: { size: 6, color: withAlpha(color, 0.45), line: { width: 0 } },
+      hovertemplate: 'kn=%{x}: %{y:.2f}% (%{text})<extra></extra>', meta: { role: 'seeds' },
+    });
+    traces.push({
+      type: 'scatter', mode: 'lines+markers', x: meanX, y: meanY, name: 'mean over seeds',
+      error_y: { type: 'data', array: meanErr, visible: meanErr.some((e) => e > 0), color, thickness: 1.2, width: 4 },
+      line: { color, width: 2 }, marker: { size: 8, color },
+      hovertemplate: 'kn=%{x}: %{y:.2f}%<extra>mean</extra>', meta: { role: 'mean' },
+    });
+    const layout = baseLayout({
+      height: 380,
+      hovermode: 'closest',
+      margin: { l: 64, r: 16, t: 8, b: 48 },
+      legend: { orientation: 'v', x: 0.01, y: 0.99, bgcolor: 'rgba(255,255,255,0.85)', bordercolor: '#dde', borderwidth: 1 },
+      xaxis: axis({ type: 'log', title: { text: 'mini-batch size k·n' }, tickvals: ticks.tickvals, ticktext: ticks.ticktext, range: [Math.log10(lo), Math.log10(hi)] }),
+      yaxis: axis({ title: { text: label } }),
+      uirevision: errKey,
+    });
+    await Plotly.react(chart, traces, layout, PLOT_CONFIG);
+    announceDrawn({ view: 'sweep', traces: traces.length, points: seedsX.length });
+  }
+
+  async function refresh() {
+    if (stopped) return;
+    try {
+      const res = await api.sweep(id);
+      if (stopped) return;
+      last = res;
+      render(res);
+      await draw(res);
+      if (!(res.runs || []).every((r) => TERMINAL.has(r.status))) {
+        timer = setTimeout(refresh, LIVE_MS);
+      }
+    } catch (err) {
+      if (stopped) return;
+      if (err instanceof ApiError && err.status === 404) {
+        replace(root, h('p', { class: 'error' }, `Sweep ${id} not found.`), h('a', { href: '#/runs' }, 'All runs'));
+        return;
+      }
+      setText(note, `Could not load the sweep: ${err.message || err}`);
+      timer = setTimeout(refresh, LIVE_MS * 2);
+    }
+  }
+
+  const first = refresh();
+  loadPlotly().catch(() => {}); // compiles while the sweep is read
+  await first;
+  return () => {
+    stopped = true;
+    clearTimeout(timer);
+    purge(chart);
+  };
+}
