@@ -72,7 +72,9 @@ def create_app(
     app.state.ctx = ctx
     # Metric histories are long numeric arrays: gzip shrinks them ~3x. SSE is exempt
     # (Starlette's GZipMiddleware skips text/event-stream, which must not be buffered).
-    app.add_middleware(GZipMiddleware, minimum_size=1024)
+    # Level 1: a 3 MB metrics answer compresses in ~30 ms instead of ~300 ms at level 9,
+    # for a reply about 5% larger.
+    app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=1)
     for router in (routes_runs.router, sse.router, routes_sweeps.router, routes_meta.router):
         app.include_router(router)
     _add_error_handlers(app)

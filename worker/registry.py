@@ -122,3 +122,17 @@ def on_worker_shutdown(**_: Any) -> None:
 def on_process_init(**_: Any) -> None:
     """A freshly forked pool child must not reuse its parent's pooled connections."""
     db.get_engine().dispose(close=False)
+    warm_imports()
+
+
+def warm_imports() -> None:
+    """Import the trainer (and torch) in the background so the first run does not pay
+    10-20 s of imports. A thread, because Celery kills a pool child that takes more than
+    a few seconds to report itself up; the import lock makes a task that arrives early
+    simply wait for it."""
+    import importlib
+    import threading
+
+    threading.Thread(
+        target=importlib.import_module, args=("trainer.loop",), name="warm-imports", daemon=True
+    ).start()

@@ -1,0 +1,135 @@
+"""Real workers: torch.distributed through torchrun (gloo on CPU, NCCL on CUDA).
+
+``trainer.fit`` calls :func:`init_from_env`: outside torchrun (``WORLD_SIZE`` unset or 1)
+it returns a one-process context and touches nothing; inside, it initialises the default
+process group itself. Each of the P processes holds k/P consecutive virtual workers.
+
+DDP averages gradients over processes by default. The loop normalises every process's
+loss by the *global* k*n (Goyal et al. Remark 3), so the all-reduce must *sum*:
+:func:`sum_allreduce_hook` is registered on every DDP model.
+
+DDP keeps buffers (BN running statistics) equal across processes by broadcasting rank 0's
+before each forward, so running statistics follow rank 0's workers while parameters see
+every worker: a DDP run's parameters match the virtual run's, its running statistics
+(and therefore its validation figures) can differ slightly.
+"""
+
+# No ``from __future__ import annotations`` here: DDP checks the comm hook's annotations
+# against the real classes, which postponed (string) annotations would fail.
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from trainer import RunConfigError
+
+__all__ = [
+    "DistContext",
+    "all_reduce_sum_",
+    "finish",
+    "init_from_env",
+    "launched_by_torchrun",
+    "resolve_device",
+    "shutdown",
+    "sum_allreduce_hook",
+    "wrap_ddp",
+]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: its rank among ``world_size`` training processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # we initialised the process group, so we destroy it
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a torchrun launch of more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA when available; each process of a CUDA run gets its local GPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise RunConfigError("device: 'cuda' requested but torch.cuda.is_available() is False")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_from_env(requested_device: str) -> tuple[DistContext, torch.device]:
+    """The process's context and device; initialises the process group under torchrun."""
+    if not launched_by_torchrun():
+        return DistContext(), resolve_device(requested_device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(requested_device, local_rank)
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
+        owns = True
+    ctx = DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        owns_group=owns,
+    )
+    return ctx, device
+
+
+def finish(ctx: DistContext) -> None:
+    """After a run that ended normally on every rank: wait for all of them.
+
+    Tearing the group down while a peer still uses its connections (rank 0 writing the
+    last checkpoint, say) can abort the peer's gloo threads. Not called after an error:
+    the other ranks may be blocked in another collective and this would hang.
+    """
+    if ctx.distributed and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_allreduce_hook(
+    process_group: dist.ProcessGroup | None, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: all-reduce a gradient bucket by SUM (not DDP's mean)."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext, device: torch.device) -> DDP:
+    """DDP over ``model`` with summed gradients."""
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp.register_comm_hook(None, sum_allreduce_hook)
+    return ddp
+
+
+def all_reduce_sum_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum ``tensor`` over the processes in place (no-op for one process)."""
+    if ctx.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
