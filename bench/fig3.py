@@ -28,8 +28,11 @@ from trainer.sink import JsonlSink, read_jsonl  # noqa: E402
 from trainer.spec import RunSpec, load_spec  # noqa: E402
 
 SPECS = ["baseline_kn32", "kn1024_none", "kn1024_constant", "kn1024_gradual"]
-PANELS = [("kn1024_none", "no warmup"), ("kn1024_constant", "constant warmup"),
-          ("kn1024_gradual", "gradual warmup")]
+PANELS = [
+    ("kn1024_none", "no warmup"),
+    ("kn1024_constant", "constant warmup"),
+    ("kn1024_gradual", "gradual warmup"),
+]
 
 
 def run_all(out: Path, seeds: list[int]) -> None:
@@ -51,11 +54,16 @@ def run_all(out: Path, seeds: list[int]) -> None:
                 result = fit(spec, sink, run_dir=run_dir, resume=False, progress=True)
             finally:
                 sink.close()
-            summary = {"status": result.status, "diverged_step": result.diverged_step,
-                       **result.summary}
+            summary = {
+                "status": result.status,
+                "diverged_step": result.diverged_step,
+                **result.summary,
+            }
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            print(f"{run_dir.name}: {result.status} in {time.perf_counter() - t0:.0f} s, "
-                  f"val err {summary.get('final_val_err')}")
+            print(
+                f"{run_dir.name}: {result.status} in {time.perf_counter() - t0:.0f} s, "
+                f"val err {summary.get('final_val_err')}"
+            )
 
 
 def epoch_curve(rows: list[dict], key: str) -> tuple[list[float], list[float]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 
+import pydantic
 import pytest
 import pytorch_optimizer
 import torch
@@ -173,8 +174,14 @@ def test_weight_decay_is_not_loss_scaling() -> None:
 
 
 def test_nesterov_without_momentum_is_refused() -> None:
+    # Refused when the spec is validated, naming the field ...
+    with pytest.raises(pydantic.ValidationError) as err:
+        spec(nesterov=True, momentum=0.0)
+    assert [e["loc"] for e in err.value.errors()] == [("nesterov",)]
+    # ... and by the optimizer for a spec built without validation.
+    unchecked = RunSpec.model_construct(**{**spec().__dict__, "nesterov": True, "momentum": 0.0})
     with pytest.raises(RunConfigError, match="nesterov"):
-        build_optimizer(net(), spec(nesterov=True, momentum=0.0))
+        build_optimizer(net(), unchecked)
 
 
 def test_lars_uses_trust_ratio_and_group_weight_decay() -> None:

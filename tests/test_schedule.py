@@ -120,6 +120,7 @@ def test_schedule_preview_keeps_breakpoints() -> None:
         dataset_size=1_000_000,
         workers=1,
         batch_per_worker=32,
+        ref_batch=8,
         epochs=30,
         warmup_epochs=1.5,
         milestones=[10.3, 20.7],
@@ -143,3 +144,20 @@ def test_short_schedule_preview_has_every_iteration() -> None:
     preview = schedule_preview(spec)
     assert preview["step"] == list(range(spec.total_iters))
     assert preview["peak_lr"] == spec.peak_lr and preview["total_batch"] == 1024
+
+
+def test_no_warmup_below_the_reference_batch() -> None:
+    """Warmup only raises the LR: at kn <= ref_batch the run starts at its (lower) peak."""
+    spec = RunSpec(
+        dataset="synthetic",
+        dataset_size=2000,
+        workers=1,
+        batch_per_worker=32,
+        base_lr=0.1,
+        ref_batch=256,
+        warmup="gradual",
+        warmup_epochs=2,
+        epochs=4,
+    )
+    assert warmup_iters(spec) == 0
+    assert lr_at(spec, 0) == pytest.approx(0.1 * 32 / 256)

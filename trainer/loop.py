@@ -63,9 +63,11 @@ __all__ = ["FitResult", "epoch_permutation", "fit", "micro_batch_size", "norm_gr
 # Datasets up to this size move to the GPU once; bigger ones stay in host memory and each
 # iteration's batch is copied.
 DEVICE_DATA_LIMIT_BYTES = 2 << 30
-# Metric flushes aim at one per second; never fewer samples of the loss than this many
-# iterations apart (bounds how far a diverged run overshoots before it is stopped).
+# Metric flushes aim at four per second (one host sync each, so live curves lag by at most
+# this much); never fewer samples of the loss than this many iterations apart (bounds how
+# far a diverged run overshoots before it is stopped). should_stop is asked once a second.
 MAX_FLUSH_EVERY = 200
+FLUSH_INTERVAL_S = 0.25
 POLL_INTERVAL_S = 1.0
 
 
@@ -438,7 +440,7 @@ class _Run:
             self.last_poll = now
             stop = float(bool(self.should_stop()))
         mean_step = sum(m[2] for m in self.pending_meta) / rows
-        every = float(min(MAX_FLUSH_EVERY, max(1, int(POLL_INTERVAL_S / max(mean_step, 1e-9)))))
+        every = float(min(MAX_FLUSH_EVERY, max(1, int(FLUSH_INTERVAL_S / max(mean_step, 1e-9)))))
         if self.ctx.distributed:
             control = torch.tensor(
                 [stop, every] if self.ctx.is_main else [0.0, 0.0], device=values.device

@@ -17,8 +17,11 @@ from trainer.spec import RunSpec
 
 
 def warmup_iters(spec: RunSpec, iters_per_epoch: int | None = None) -> int:
-    """Iterations spent warming up (0 when warmup is off)."""
-    if spec.warmup == "none":
+    """Iterations spent warming up (0 when warmup is off).
+
+    Warmup exists to reach an LR above base_lr safely; when kn <= ref_batch the peak is not
+    above base_lr, so there is nothing to warm up and the run starts at its peak."""
+    if spec.warmup == "none" or spec.peak_lr <= spec.base_lr:
         return 0
     ipe = iters_per_epoch or spec.iters_per_epoch
     return int(round(spec.warmup_epochs * ipe))
@@ -31,7 +34,7 @@ def lr_at(spec: RunSpec, it: int, iters_per_epoch: int | None = None) -> float:
     w = warmup_iters(spec, ipe)
     if it < w:
         if spec.warmup == "constant":
-            return min(spec.base_lr, peak)
+            return spec.base_lr
         # gradual: base_lr + (peak - base_lr) * i / W
         return spec.base_lr + (peak - spec.base_lr) * it / w
     epoch = it / ipe

@@ -128,8 +128,10 @@ class RunSpec(BaseModel):
     norm: Norm = Field("bn_local", description="Normalization layers.")
     ghost_batch: int | None = Field(None, ge=1, description="Group size g of bn_ghost.")
     bn_momentum: float = Field(
-        0.1, gt=0, le=1, description="Running-stat update weight (PyTorch convention; "
-        "the paper's 0.9 decay)."
+        0.1,
+        gt=0,
+        le=1,
+        description="Running-stat update weight (PyTorch convention; the paper's 0.9 decay).",
     )
     cbn_window: int = Field(4, ge=1, le=16, description="Iterations averaged by cbn.")
     gn_groups: int = Field(8, ge=1, description="Groups of gn.")
@@ -157,8 +159,11 @@ class RunSpec(BaseModel):
     def _model_fits_dataset(cls, v: str, info: ValidationInfo) -> str:
         model = info.data.get("model")
         want, have = MODEL_INPUT.get(model or ""), DATASET_INPUT[v]
-        if want is not None and have is not None and want != have and not (
-            model == "resnet50" and v == "imagefolder"
+        if (
+            want is not None
+            and have is not None
+            and want != have
+            and not (model == "resnet50" and v == "imagefolder")
         ):
             raise ValueError(
                 f"model {model!r} takes inputs of shape {want}, dataset {v!r} gives {have}"
@@ -226,6 +231,13 @@ class RunSpec(BaseModel):
             raise ValueError("milestones are epochs > 0")
         if sorted(v) != list(v):
             raise ValueError("milestones must be increasing")
+        return v
+
+    @field_validator("nesterov")
+    @classmethod
+    def _nesterov_needs_momentum(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("momentum") == 0:
+            raise ValueError("Nesterov momentum needs momentum > 0")
         return v
 
     @field_validator("ghost_batch")

@@ -7,11 +7,12 @@ import pytest
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-# 640 synthetic samples (512 train), k*n = 2*16: 16 iterations per epoch, 4 epochs.
+# 6400 synthetic samples (5120 train), k*n = 2*16: 160 iterations per epoch, 4 epochs:
+# long enough (a few seconds) for several live draws even on an idle machine.
 FORM = {
     "model": "mlp",
     "dataset": "synthetic",
-    "dataset_size": "640",
+    "dataset_size": "6400",
     "epochs": "4",
     "workers": "2",
     "batch_per_worker": "16",
@@ -58,7 +59,7 @@ def test_form_run_trains_and_streams_live(page, service, ui) -> None:
     # The run ends: the status event turns the badge, every point is on the plots.
     page.wait_for_selector(".run-view .badge.s-succeeded", timeout=60_000)
     total = service.http.get(f"/api/runs/{run_id}").json()["derived"]["total_iters"]
-    assert total == 64  # 512 training samples / 32 per iteration x 4 epochs
+    assert total == 640  # 5120 training samples / 32 per iteration x 4 epochs
     page.wait_for_function(
         "(n) => document.getElementById('chart-loss').data[0].x.length >= n", arg=total
     )
