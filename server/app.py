@@ -55,13 +55,18 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await _try_migrate(ctx)
-        task = asyncio.create_task(_maintenance(ctx), name="batchlab-maintenance")
+        tasks = [
+            asyncio.create_task(_maintenance(ctx), name="batchlab-maintenance"),
+            asyncio.create_task(_warm_series_cache(ctx), name="batchlab-warm-cache"),
+        ]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     app = FastAPI(
         title="batchlab",
@@ -109,6 +114,27 @@ async def _try_migrate(ctx: Context) -> None:
         ctx.migrated = True
     except Exception:
         log.exception("database migration failed; retrying every %.0f s", REAP_INTERVAL_S)
+
+
+# The curves the views open with; read once at start so the first page does not pay the
+# cold read (about 1 s per million points) of the most recent runs' histories.
+WARM_KEYS = ("loss", "train_err", "lr", "val_err")
+WARM_RUNS = 20
+
+
+async def _warm_series_cache(ctx: Context) -> None:
+    from store import metrics, runs
+
+    def warm() -> None:
+        with db.session(ctx.engine) as s:
+            ids = [r.id for r in runs.list_runs(s, limit=WARM_RUNS)]
+        for run_id in ids:
+            metrics.read_series(ctx.engine, run_id, list(WARM_KEYS), max_points=2)
+
+    try:
+        await run_in_threadpool(warm)
+    except Exception:  # only a speed-up: never let it take the server down
+        log.warning("warming the metric cache failed", exc_info=True)
 
 
 async def _maintenance(ctx: Context) -> None:

@@ -549,3 +549,24 @@ def test_sse_stream_ends_when_the_run_is_deleted(app):
                 if len(kinds) == 1:
                     assert httpx.delete(f"{url}/api/runs/{run_id}").status_code == 204
         assert kinds == ["status", "gone"]
+
+
+def test_start_warms_the_metric_cache_of_recent_runs(batchlab_home, sqlite_url, broker_url):
+    """The first compare view after a restart should not pay the cold read."""
+    engine = db.get_engine(sqlite_url)
+    db.migrate(engine)
+    with db.session(engine) as s:
+        run_id = runs.create_run(s, name="old", spec={"dataset_size": 400}).id
+    points = [(step, {"loss": 1.0 / (1 + step)}, step / 10, step / 100) for step in range(50)]
+    metrics.write_points(engine, run_id, points)
+    metrics.invalidate()
+    app = create_app(database_url=sqlite_url, broker_url=broker_url)
+    with TestClient(app):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            cached = metrics._cache.get((str(engine.url), run_id, "loss"))
+            if cached is not None and cached.n == 50:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the recent run's loss series was not cached after start")
