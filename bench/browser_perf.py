@@ -124,7 +124,7 @@ def spec_for(total_batch: int, seed: int) -> dict[str, Any]:
 def seed_runs(engine: Any, n_runs: int, points: int) -> list[int]:
     """n_runs finished runs of ``points`` iterations (train_err, lr) + val_err per epoch."""
     from store import db, runs
-    from store.metrics import MetricWriter
+    from store.metrics import MetricWriter, build_overviews
 
     ids: list[int] = []
     sizes = [256 * 2**i for i in range(6)]
@@ -148,6 +148,7 @@ def seed_runs(engine: Any, n_runs: int, points: int) -> list[int]:
         with db.session(engine) as s:
             runs.mark_running(s, run.id, host="bench", gpus="", worker="bench")
             runs.mark_finished(s, run.id, "succeeded", summary={"final_val_err": 0.25})
+        build_overviews(engine, run.id)  # as the worker does when a run finishes
     return ids
 
 

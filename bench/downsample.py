@@ -7,7 +7,9 @@ Times ``store.metrics.read_series`` in-process (the server's share of a
 - warm: the series is cached, only the (empty) tail beyond it is asked for;
 - warm + tail: 1,000 new points were written since the last read;
 - warm, epoch range: ``x=epoch`` with ``x_min``/``x_max`` covering half the series;
-- MinMaxLTTB only: ``store.downsample.downsample_indices`` on the in-memory arrays.
+- MinMaxLTTB only: ``store.downsample.downsample_indices`` on the in-memory arrays;
+- cold, finished run: nothing cached, the run finished, so its stored overview (the
+  series downsampled once to 8,192 points when it finished) answers.
 
     .venv/bin/python bench/downsample.py --points 1000000
 """
@@ -28,7 +30,8 @@ import numpy as np  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 
 from bench.ingest import PG_DEFAULT, new_run, temp_database  # noqa: E402
-from store import metrics  # noqa: E402
+from store import metrics, runs  # noqa: E402
+from store.db import session  # noqa: E402
 from store.downsample import downsample_indices  # noqa: E402
 from store.metrics import MetricWriter, read_series  # noqa: E402
 
@@ -99,12 +102,23 @@ def bench_backend(backend: str, points: int, max_points: int, repeats: int, pg: 
         )
         x = np.arange(points, dtype=np.int64)
         only = median_ms(lambda: downsample_indices(x, values, max_points), repeats)
+        with session(engine) as s:
+            runs.mark_running(s, run_id, host="bench", gpus="", worker="bench")
+            runs.mark_finished(s, run_id, "succeeded")
+        t0 = time.perf_counter()
+        metrics.build_overviews(engine, run_id)
+        build_ms = (time.perf_counter() - t0) * 1000
+        finished = read()["loss"]
+        assert finished["total"] == points + 3000 and finished["step"][-1] == points + 2999
+        overview = median_ms(read, max(3, repeats // 3), before=metrics.invalidate)
         rows += [
             (backend, "cold (fetch all + downsample)", cold),
             (backend, "warm (cached)", warm),
             (backend, "warm + 1,000 new points", statistics.median(tails)),
             (backend, "warm, x=epoch, half the range", ranged),
             (backend, "MinMaxLTTB only (numpy in memory)", only),
+            (backend, "cold, finished run (stored overview)", overview),
+            (backend, "building the overview when the run finishes (once)", build_ms),
         ]
     metrics.invalidate()
     return rows

@@ -137,6 +137,15 @@ async def _warm_series_cache(ctx: Context) -> None:
         log.warning("warming the metric cache failed", exc_info=True)
 
 
+def _build_missing_overviews(ctx: Context) -> None:
+    """Finished runs whose worker did not store overviews (older runs, a crash): a few per
+    cycle, so the loop stays short."""
+    from store import metrics
+
+    for run_id in metrics.runs_missing_overviews(ctx.engine, limit=5):
+        metrics.build_overviews(ctx.engine, run_id)
+
+
 async def _maintenance(ctx: Context) -> None:
     """Every REAP_INTERVAL_S: finish migrating if needed, then reap stale runs."""
     from worker.recovery import reap_stale
@@ -150,6 +159,7 @@ async def _maintenance(ctx: Context) -> None:
                 requeued = await run_in_threadpool(reap_stale, ctx.engine, enqueue=ctx.enqueue)
                 if requeued:
                     log.warning("re-queued or failed stale runs %s", requeued)
+                await run_in_threadpool(_build_missing_overviews, ctx)
             except Exception:  # the loop must survive a database hiccup
                 log.exception("reaping stale runs failed")
         await asyncio.sleep(REAP_INTERVAL_S)

@@ -38,7 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from store.downsample import downsample_indices
-from store.models import KEY_MAX_LEN
+from store.models import FINAL_STATUSES, KEY_MAX_LEN
 
 log = logging.getLogger(__name__)
 
@@ -537,10 +537,12 @@ def _raw_bytes_loader() -> type:
     return RawBytes
 
 
-def _run_token(conn: sa.Connection, run_id: int) -> int | None:
-    """The run's attempt count (a new attempt invalidates its cache); None: no run."""
-    row = conn.execute(sa.text("SELECT attempts FROM runs WHERE id = :r"), {"r": run_id}).first()
-    return None if row is None else int(row[0])
+def _run_state(conn: sa.Connection, run_id: int) -> tuple[int, str] | None:
+    """The run's attempt count (its cache token) and status; None: no such run."""
+    row = conn.execute(
+        sa.text("SELECT attempts, status FROM runs WHERE id = :r"), {"r": run_id}
+    ).first()
+    return None if row is None else (int(row[0]), str(row[1]))
 
 
 def _json_floats(values: np.ndarray) -> list[float | None]:
@@ -575,22 +577,129 @@ def read_series(
     if isinstance(keys, str):
         keys = [keys]
     with engine.connect() as conn:
-        token = _run_token(conn, run_id)
-        if token is None:
+        state = _run_state(conn, run_id)
+        if state is None:
             invalidate(run_id)
             return {k: _empty_series() for k in keys or []}
+        token, status = state
         wanted = list(keys) if keys is not None else _keys(conn, run_id)
+        out: dict[str, dict[str, Any]] = {}
+        if (
+            status in FINAL_STATUSES
+            and x_min is None
+            and x_max is None
+            and max_points <= OVERVIEW_POINTS // 2
+        ):
+            uncached = [k for k in wanted if not _is_cached(engine, run_id, k, token)]
+            for key, (view, total) in _read_overviews(conn, run_id, uncached, token).items():
+                sorted_x = bool(np.all(np.diff(view[x]) >= 0))
+                out[key] = {
+                    **_downsample_view(view, x, sorted_x, max_points, None, None),
+                    "total": total,
+                }
         views: dict[str, tuple[dict[str, np.ndarray], bool]] = {}
         for key in wanted:
+            if key in out:
+                continue
             series = _cached(engine, run_id, key, token)
             with series.lock:
                 series.extend(_fetch_after(conn, run_id, key, series.last_step))
                 views[key] = (series.view(), series.sorted.get(x, True))
     _evict()
-    return {
-        key: _downsample_view(view, x, x_sorted, max_points, x_min, x_max)
+    out.update(
+        (key, _downsample_view(view, x, x_sorted, max_points, x_min, x_max))
         for key, (view, x_sorted) in views.items()
+    )
+    return {key: out[key] for key in wanted}
+
+
+# ---------------------------------------------------------------------------------------
+# Overviews: a finished run's series downsampled once and stored (store.models.SeriesOverview)
+
+# Points kept per series: views asking for at most half of it (a compare view asks for
+# ~1500) are drawn from the overview, which MinMaxLTTB made min/max-preserving.
+OVERVIEW_POINTS = 8192
+
+
+def _pack(view: Mapping[str, np.ndarray]) -> bytes:
+    return b"".join(
+        np.ascontiguousarray(view[name], dtype="<" + dtype).tobytes()
+        for name, dtype in _COLUMN_DTYPES.items()
+    )
+
+
+def _unpack(data: bytes) -> dict[str, np.ndarray]:
+    n = len(data) // (8 * len(_COLUMN_DTYPES))
+    return {
+        name: np.frombuffer(data, dtype="<" + dtype, count=n, offset=8 * n * i).astype(dtype)
+        for i, (name, dtype) in enumerate(_COLUMN_DTYPES.items())
     }
+
+
+def build_overviews(engine: Engine, run_id: int) -> int:
+    """Store the run's every series downsampled to OVERVIEW_POINTS; returns how many.
+
+    Called when a run finishes (the worker) and for finished runs still lacking them (the
+    API's maintenance loop). Reads the points directly, not through the cache, so a
+    worker process does not keep a finished run's series in memory.
+    """
+    with engine.connect() as conn:
+        state = _run_state(conn, run_id)
+        if state is None:
+            return 0
+        token, _ = state
+        rows = []
+        for key in _keys(conn, run_id):
+            view = _fetch_after(conn, run_id, key, -1)
+            idx = downsample_indices(view["step"], view["value"], OVERVIEW_POINTS, x_sorted=True)
+            small = {name: col[idx] for name, col in view.items()}
+            rows.append(
+                {"r": run_id, "k": key, "a": token, "t": len(view["step"]), "d": _pack(small)}
+            )
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM series_overviews WHERE run_id = :r"), {"r": run_id})
+        if rows:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO series_overviews (run_id, key, attempts, total, data) "
+                    "VALUES (:r, :k, :a, :t, :d)"
+                ),
+                rows,
+            )
+    return len(rows)
+
+
+def runs_missing_overviews(engine: Engine, limit: int = 5) -> list[int]:
+    """Finished runs with points but no overview (older runs, a worker that died after
+    finishing), oldest first."""
+    q = sa.text(
+        "SELECT id FROM runs WHERE status IN ("
+        + ", ".join(f"'{s}'" for s in FINAL_STATUSES)
+        + ") AND NOT EXISTS (SELECT 1 FROM series_overviews o WHERE o.run_id = runs.id)"
+        " AND EXISTS (SELECT 1 FROM metric_points m WHERE m.run_id = runs.id)"
+        " ORDER BY id LIMIT :n"
+    )
+    with engine.connect() as conn:
+        return [int(r[0]) for r in conn.execute(q, {"n": limit})]
+
+
+def _read_overviews(
+    conn: sa.Connection, run_id: int, keys: list[str], token: int
+) -> dict[str, tuple[dict[str, np.ndarray], int]]:
+    if not keys:
+        return {}
+    q = sa.text(
+        "SELECT key, total, data FROM series_overviews "
+        "WHERE run_id = :r AND attempts = :a AND key IN :keys"
+    ).bindparams(sa.bindparam("keys", expanding=True))
+    rows = conn.execute(q, {"r": run_id, "a": token, "keys": keys})
+    return {key: (_unpack(bytes(data)), int(total)) for key, total, data in rows}
+
+
+def _is_cached(engine: Engine, run_id: int, key: str, token: int) -> bool:
+    with _cache_lock:
+        series = _cache.get((str(engine.url), run_id, key))
+        return series is not None and series.token == token and series.n > 0
 
 
 def _downsample_view(

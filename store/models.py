@@ -145,6 +145,24 @@ class MetricPoint(Base):
     value: Mapped[float | None] = mapped_column(sa.Double)
 
 
+class SeriesOverview(Base):
+    """One series of a finished run, downsampled once (MinMaxLTTB along the step) and kept.
+
+    A cold read of a long series costs about a second per million points (every row comes
+    out of the database); a compare view of 20 finished runs would pay that for each.
+    Views without an x range read this instead (store.metrics.read_series), ``attempts``
+    tying it to the run attempt whose points it summarises.
+    """
+
+    __tablename__ = "series_overviews"
+
+    run_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    key: Mapped[str] = mapped_column(sa.String(KEY_MAX_LEN), primary_key=True)
+    attempts: Mapped[int] = mapped_column(sa.Integer)
+    total: Mapped[int] = mapped_column(sa.BigInteger)
+    data: Mapped[bytes] = mapped_column(sa.LargeBinary)
+
+
 class WorkerBeat(Base):
     """The last sign of life of one Celery worker process."""
 

@@ -24,6 +24,7 @@ from store.models import (
     Group,
     MetricPoint,
     Run,
+    SeriesOverview,
     WorkerBeat,
     utcnow,
 )
@@ -129,6 +130,7 @@ def delete_run(s: Session, run_id: int) -> bool:
     s.delete(run)
     s.flush()
     s.execute(sa.delete(MetricPoint).where(MetricPoint.run_id == run_id))
+    s.execute(sa.delete(SeriesOverview).where(SeriesOverview.run_id == run_id))
     from store.metrics import invalidate  # late: metrics imports numpy/tsdownsample
 
     invalidate(run_id)

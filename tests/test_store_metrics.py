@@ -368,3 +368,46 @@ def test_read_since_per_key_cursors_keys_and_latest_step(engine: Engine) -> None
     assert sorted((p["key"], p["step"]) for p in capped) == [
         ("loss", 0), ("loss", 1), ("lr", 0), ("lr", 1), ("val_err", 3)]  # fmt: skip
     w.close()
+
+
+def test_finished_runs_are_read_from_their_overview(engine: Engine) -> None:
+    """A finished run's views come from its stored overview: extremes, first and last point
+    kept, the raw count reported, and no point rows read (they are gone in this test)."""
+    run_id = _new_run(engine)
+    n = 30_000
+    rng = np.random.default_rng(1)
+    loss = 1.0 + 0.01 * rng.standard_normal(n)
+    loss[12_345] = 7.0
+    _write(engine, run_id, {"loss": loss, "lr": np.linspace(1, 0, n)})
+    with session(engine) as s:
+        runs.mark_running(s, run_id, host="h", gpus="", worker="w")
+        runs.mark_finished(s, run_id, "succeeded")
+    assert metrics.runs_missing_overviews(engine) == [run_id]
+    assert metrics.build_overviews(engine, run_id) == 2
+    assert metrics.runs_missing_overviews(engine) == []
+
+    with engine.begin() as conn:  # only the overview can answer now
+        conn.execute(sa.delete(MetricPoint).where(MetricPoint.run_id == run_id))
+    metrics.invalidate()
+    s = read_series(engine, run_id, ["loss"], x="epoch", max_points=1000)["loss"]
+    assert s["total"] == n and len(s["step"]) <= 1000
+    assert s["step"][0] == 0 and s["step"][-1] == n - 1 and 12_345 in s["step"]
+    assert s["value"][s["step"].index(12_345)] == 7.0
+    assert s["epoch"][-1] == (n - 1) / 100
+
+    # Zoomed views (an x range) and very fine ones need the points: no overview for them.
+    assert read_series(engine, run_id, ["loss"], x_min=100)["loss"]["total"] == 0
+    assert read_series(engine, run_id, ["loss"], max_points=8000)["loss"]["total"] == 0
+
+    # A new attempt makes the overview stale: it is not used.
+    with session(engine) as s_:
+        runs.requeue(s_, run_id)
+        runs.mark_running(s_, run_id, host="h", gpus="", worker="w")
+        runs.mark_finished(s_, run_id, "succeeded")
+    assert read_series(engine, run_id, ["loss"], max_points=500)["loss"]["total"] == 0
+
+    with session(engine) as s_:
+        runs.delete_run(s_, run_id)
+    with engine.connect() as conn:
+        left = conn.execute(sa.text("SELECT COUNT(*) FROM series_overviews")).scalar()
+    assert left == 0

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 
 from store import config as store_config
-from store import db, runs
+from store import db, metrics, runs
 from store.models import Run
 from trainer.spec import RunSpec
 from worker import registry
@@ -207,6 +207,10 @@ def _finish(engine: Engine, run_id: int, attempt: int, outcome: Outcome) -> None
             diverged_step=outcome.diverged_step,
             summary=outcome.summary,
         )
+    try:  # only a speed-up for later reads; the API's maintenance loop retries
+        metrics.build_overviews(engine, run_id)
+    except Exception:
+        log.warning("building the series overviews of run %s failed", run_id, exc_info=True)
 
 
 def _outcome(result: Any) -> Outcome:
