@@ -227,12 +227,16 @@ def test_dockerfile_requirement_step_yields_the_pinned_dependencies(tmp_path) ->
     ).stdout.split()
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert out == [d.replace(" ", "") for d in pyproject["project"]["dependencies"]]
+
+    def name(req: str) -> str:  # PEP 503: case, '_', '.' and '-' do not matter
+        return re.sub(r"[-_.]+", "-", re.split(r"[=<>\[]", req)[0]).lower()
+
     pinned = {
-        re.split(r"[=<>\[]", ln)[0].lower()
+        name(ln)
         for ln in (ROOT / "constraints.txt").read_text().splitlines()
         if ln and not ln.startswith("#")
     }
-    unpinned = [d for d in out if re.split(r"[=<>\[]", d)[0].lower() not in pinned]
+    unpinned = [d for d in out if name(d) not in pinned]
     assert unpinned == [], "every image dependency is pinned by constraints.txt"
 
 
