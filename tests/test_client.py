@@ -7,10 +7,8 @@ examples/notebook.py end to end against a real server and worker started as proc
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +21,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import yaml
+from support import free_port, stop_process_groups
 
 import batchlab
 from batchlab.client import ServerUnavailable, ema, run_id, spec_to_dict
@@ -377,26 +376,6 @@ def test_import_batchlab_is_light() -> None:
 
 
 # --- the notebook example, end to end ------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """Stop processes started in their own sessions: SIGTERM (a warm shutdown), a second
-    one (the worker supervisor then stops its Celery workers cold), then SIGKILL."""
-    for sig, grace_s in ((signal.SIGTERM, 2.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-        alive = [p for p in procs if p.poll() is None]
-        if not alive:
-            return
-        for p in alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, sig)
-        deadline = time.monotonic() + grace_s
-        for p in alive:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
 
 
 @pytest.fixture()
@@ -405,7 +384,7 @@ def live_server(tmp_path) -> Iterator[str]:
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHLAB_")}
     env.update(BATCHLAB_HOME=str(home), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
-    port = _free_port()
+    port = free_port()
     argv = {
         "api": ["batchlab", "api", "--host", "127.0.0.1", "--port", str(port)],
         "worker": ["batchlab", "worker", "--gpus", "none"],
@@ -431,7 +410,7 @@ def live_server(tmp_path) -> Iterator[str]:
             time.sleep(0.3)
         yield url
     finally:
-        _stop(list(procs.values()))
+        stop_process_groups(list(procs.values()))
 
 
 @pytest.mark.slow

@@ -13,14 +13,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +30,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from support import free_port, stop_process_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -298,10 +296,6 @@ def test_wheel_built_from_the_docker_context_is_complete(tmp_path) -> None:
 
 
 # --- 3. the services' commands, run here ----------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _local_env(service: Mapping[str, Any], pg_url: str, redis_url: str, home: Path) -> dict:
@@ -342,23 +336,7 @@ def _command(service: Mapping[str, Any], port: int | None = None) -> list[str]:
 def procs() -> Iterator[list[subprocess.Popen]]:
     started: list[subprocess.Popen] = []
     yield started
-    _stop(started)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """Stop processes started in their own sessions: SIGTERM (a warm shutdown), a second
-    one (the worker supervisor then stops its Celery workers cold), then SIGKILL."""
-    for sig, grace_s in ((signal.SIGTERM, 2.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-        alive = [p for p in procs if p.poll() is None]
-        if not alive:
-            return
-        for p in alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, sig)
-        deadline = time.monotonic() + grace_s
-        for p in alive:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    stop_process_groups(started)
 
 
 def _start(argv: list[str], env: dict, log: Path, procs: list) -> subprocess.Popen:
@@ -380,7 +358,7 @@ def test_service_commands_come_up_with_their_compose_environment(
     services = compose["services"]
     home = tmp_path / "home"
     home.mkdir()
-    port = _free_port()
+    port = free_port()
     api_log, worker_log = tmp_path / "api.log", tmp_path / "worker.log"
     api_env = _local_env(services["api"], pg_url, redis_url, home)
     worker_env = _local_env(services["worker"], pg_url, redis_url, home)

@@ -19,7 +19,6 @@ import gc
 import json
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import traceback
@@ -30,6 +29,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from support import free_port
 
 from trainer import fit
 from trainer.checkpoint import load_checkpoint
@@ -128,10 +128,6 @@ def test_batchlab_train_nproc_2_matches_virtual_workers(tmp_path: Path) -> None:
 
 
 # --- fit in two forked processes ---------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, port: int, spec_json: str, out: str, stop_at_once: bool) -> None:
@@ -165,7 +161,7 @@ def run_forked(spec: RunSpec, out: Path, *, stop_at_once: bool = False) -> list[
     # Finalizers of earlier tests' garbage must run here, not in the forked children.
     gc.collect()
     ctx = multiprocessing.get_context("fork")
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(
             target=_rank_main, args=(rank, port, spec.model_dump_json(), str(out), stop_at_once)
