@@ -7,10 +7,23 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from types import SimpleNamespace
 
-from server.serve import free_port
+from server.serve import free_port, serve_in_thread
 
-__all__ = ["free_port", "stop_process_groups"]
+__all__ = ["free_port", "serve_app", "stop_process_groups"]
+
+
+def serve_app(token: str | None = None, port: int = 0) -> Iterator[SimpleNamespace]:
+    """The real app under uvicorn in a thread, on the test's BATCHLAB_HOME (a generator:
+    `yield from` it in a fixture, or close it to take the server away)."""
+    from server.app import create_app
+
+    app = create_app(token=token)
+    with serve_in_thread(app, port=port or None) as url:
+        port = int(url.rsplit(":", 1)[1])
+        yield SimpleNamespace(url=url, port=port, engine=app.state.ctx.engine)
 
 
 def stop_process_groups(procs: list[subprocess.Popen]) -> None:

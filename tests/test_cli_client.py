@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from support import serve_app
 
 import batchlab
 from batchlab.cli import main
@@ -37,30 +38,9 @@ SPEC = {
 }
 
 
-def _serve(token: str | None = None) -> Iterator[SimpleNamespace]:
-    import uvicorn
-
-    from server.app import create_app
-
-    app = create_app(token=token)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", engine=app.state.ctx.engine)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture()
 def server(batchlab_home: str) -> Iterator[SimpleNamespace]:
-    yield from _serve()
+    yield from serve_app()
 
 
 @pytest.fixture()
@@ -202,7 +182,7 @@ def test_wait_exit_status_follows_the_runs(server, spec_file, capsys) -> None:
 
 # --- cancel, tokens, environment -----------------------------------------------------------------
 def test_cancel_needs_the_token_from_flag_or_environment(batchlab_home, monkeypatch, capsys):
-    for server in _serve(token="s3cret"):
+    for server in serve_app(token="s3cret"):
         run = batchlab.Client(server.url, token="s3cret").submit(SPEC)
         monkeypatch.setenv("BATCHLAB_URL", server.url)  # no --url from here on
         code, _, err = cli(capsys, "cancel", str(run["id"]))

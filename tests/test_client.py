@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import yaml
-from support import free_port, stop_process_groups
+from support import free_port, serve_app, stop_process_groups
 
 import batchlab
 from batchlab.client import ServerUnavailable, ema, run_id, spec_to_dict
@@ -47,34 +47,9 @@ SPEC = {
 }
 
 
-def _serve(token: str | None = None, port: int = 0) -> Iterator[SimpleNamespace]:
-    """The real app under uvicorn in a thread, on the test's BATCHLAB_HOME."""
-    import uvicorn
-
-    from server.app import create_app
-
-    app = create_app(token=token)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield SimpleNamespace(
-            url=f"http://127.0.0.1:{port}", port=port, engine=app.state.ctx.engine
-        )
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture()
 def server(batchlab_home: str) -> Iterator[SimpleNamespace]:
-    yield from _serve()
+    yield from serve_app()
 
 
 @pytest.fixture()
@@ -155,7 +130,7 @@ def test_unknown_ids_raise_not_found(client) -> None:
 
 
 def test_writes_need_the_token_when_the_server_sets_one(batchlab_home) -> None:
-    for server in _serve(token="s3cret"):
+    for server in serve_app(token="s3cret"):
         # One shared httpx client: each batchlab.Client sends its own token (or none).
         with httpx.Client(base_url=server.url) as shared:
             anonymous = batchlab.Client(http=shared)
@@ -253,7 +228,7 @@ def test_wait_returns_the_final_runs(client, server) -> None:
 def test_wait_rides_out_a_server_restart(batchlab_home) -> None:
     from store import runs
 
-    first = _serve()
+    first = serve_app()
     server = next(first)
     client = batchlab.Client(server.url)
     run = client.submit(SPEC)
@@ -268,7 +243,7 @@ def test_wait_rides_out_a_server_restart(batchlab_home) -> None:
     _store(server.engine, runs.mark_finished, run["id"], "succeeded")
     time.sleep(0.5)
     assert waiter.is_alive()  # ... and the wait keeps trying
-    for _ in _serve(port=server.port):  # back on the same address
+    for _ in serve_app(port=server.port):  # back on the same address
         waiter.join(timeout=20)
     assert result["status"] == "succeeded"
 
