@@ -16,6 +16,7 @@ from server.encode import FastJSONResponse
 from server.schemas import HealthOut, SchedulePreview, WorkersOut
 from trainer.schedule import schedule_preview
 from trainer.spec import RunSpec
+from worker.celery_app import broker_lock
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api", tags=["meta"])
@@ -58,7 +59,7 @@ def check_database(ctx: Context) -> str:
 
 
 def check_broker(ctx: Context) -> str:
-    with ctx.celery.connection_for_write() as conn:
+    with broker_lock, ctx.celery.connection_for_write() as conn:
         # One attempt, no back-off sleep: a health check reports, it does not wait.
         conn.ensure_connection(
             max_retries=1, interval_start=0, interval_step=0, timeout=CHECK_TIMEOUT_S

@@ -120,6 +120,12 @@ app = make_app()
 
 _prepared: set[str] = set()
 _prepared_lock = threading.Lock()
+# kombu's virtual transports (the SQLAlchemy one above all) are not safe when one
+# process's threads share the connection pool: a connection released by a health check
+# can lose its client under a concurrent send_task ("'NoneType' object has no attribute
+# 'client'", seen once in the tests). The API serves requests from a thread pool, so every
+# broker call here goes through this lock; they are short.
+broker_lock = threading.RLock()
 
 
 def prepare_broker(url: str) -> None:
@@ -214,7 +220,8 @@ def enqueue(
                 log.warning("could not read the workers table; sending to cpu", exc_info=True)
         queue = queue_for(spec, have_gpus=have_gpus)
     prepare_broker(str(celery_app.conf.broker_url))
-    result = celery_app.send_task(TASK_NAME, args=[run_id], queue=queue)
+    with broker_lock:
+        result = celery_app.send_task(TASK_NAME, args=[run_id], queue=queue)
     return str(result.id)
 
 
@@ -223,7 +230,7 @@ def queue_lengths(queues: list[str], *, celery_app: Celery | None = None) -> dic
     celery_app = celery_app or app
     prepare_broker(str(celery_app.conf.broker_url))
     out: dict[str, int] = {}
-    with celery_app.connection_for_write() as conn:
+    with broker_lock, celery_app.connection_for_write() as conn:
         # No retry: a broker that is down must not hold GET /api/workers for minutes.
         conn.ensure_connection(max_retries=0, timeout=BROKER_TIMEOUT_S)
         channel = conn.default_channel
