@@ -56,6 +56,11 @@ def _dist_world() -> int:
     return 1
 
 
+def _eval_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Evaluation: normalise with the running statistics, as nn.BatchNorm does."""
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
 class GroupedBatchNorm(_BatchNorm):
     """Batch norm with statistics per group of ``group_size`` consecutive samples.
 
@@ -98,16 +103,7 @@ class GroupedBatchNorm(_BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         if not self.training:
-            return F.batch_norm(
-                x,
-                self.running_mean,
-                self.running_var,
-                self.weight,
-                self.bias,
-                False,
-                0.0,
-                self.eps,
-            )
+            return _eval_batch_norm(self, x)
         self.num_batches_tracked.add_(1)
         momentum = self._momentum()
         g = self.group_size
@@ -454,16 +450,7 @@ class CrossIterationBatchNorm(_BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         if not self.training:
-            return F.batch_norm(
-                x,
-                self.running_mean,
-                self.running_var,
-                self.weight,
-                self.bias,
-                False,
-                0.0,
-                self.eps,
-            )
+            return _eval_batch_norm(self, x)
         self.num_batches_tracked.add_(1)
         b, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
         g = self.group_size or b
