@@ -76,10 +76,15 @@ def run(args: argparse.Namespace) -> int:
     if spec.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _launch_torchrun(spec, out, args)
     try:
-        return _train(spec, out, args)
+        code = _train(spec, out, args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        code = EXIT_USAGE
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from trainer.distributed import exit_worker_process
+
+        exit_worker_process(code)
+    return code
 
 
 def resolve_spec(path: str, overrides: list[str], nproc: int | None) -> Any:

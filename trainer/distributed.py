@@ -17,8 +17,10 @@ every worker: a DDP run's parameters match the virtual run's, its running statis
 # No ``from __future__ import annotations`` here: DDP checks the comm hook's annotations
 # against the real classes, which postponed (string) annotations would fail.
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -110,6 +112,20 @@ def finish(ctx: DistContext) -> None:
 def shutdown(ctx: DistContext) -> None:
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_worker_process(code: int) -> NoReturn:
+    """End a torchrun-launched process without interpreter finalization.
+
+    Even after destroy_process_group, gloo's C++ threads can still hold work objects whose
+    tensors need the GIL when freed; during finalization that aborts the process
+    ("terminate called without an active exception", SIGABRT), turning a finished run
+    into a failed launch (seen about once in 20 runs here; see pytorch/pytorch#179291).
+    Everything of the run is written and closed by now, so flush and leave.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def sum_allreduce_hook(
