@@ -7,13 +7,13 @@ import pytest
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-# 6400 synthetic samples (5120 train), k*n = 2*16: 160 iterations per epoch, 4 epochs:
+# 6400 synthetic samples (5120 train), k*n = 2*16: 160 iterations per epoch, 8 epochs:
 # long enough (a few seconds) for several live draws even on an idle machine.
 FORM = {
     "model": "mlp",
     "dataset": "synthetic",
     "dataset_size": "6400",
-    "epochs": "4",
+    "epochs": "8",
     "workers": "2",
     "batch_per_worker": "16",
     "ref_batch": "32",
@@ -53,20 +53,24 @@ def test_form_run_trains_and_streams_live(page, service, ui) -> None:
         arg=start_points,
         timeout=60_000,
     )
+    # Several separate draws, not one: wait for them rather than sample the first moment.
+    page.wait_for_function(
+        "() => window.__drawn.filter(d => d.view === 'run').length >= 3", timeout=60_000
+    )
     live = page.evaluate("window.__drawn.filter(d => d.view === 'run')")
     steps = [d["lastStep"]["loss"] for d in live]
     assert len(live) >= 3 and steps == sorted(steps) and steps[-1] > first["lastStep"]["loss"]
     # The run ends: the status event turns the badge, every point is on the plots.
     page.wait_for_selector(".run-view .badge.s-succeeded", timeout=60_000)
     total = service.http.get(f"/api/runs/{run_id}").json()["derived"]["total_iters"]
-    assert total == 640  # 5120 training samples / 32 per iteration x 4 epochs
+    assert total == 1280  # 5120 training samples / 32 per iteration x 8 epochs
     page.wait_for_function(
         "(n) => document.getElementById('chart-loss').data[0].x.length >= n", arg=total
     )
     xs = page.evaluate("document.getElementById('chart-loss').data[0].x")
     assert xs == list(range(total))  # each iteration once, in order: nothing lost or doubled
     val = page.evaluate("document.getElementById('chart-err').data[1].y")
-    assert len(val) == 4 and all(0 <= v <= 100 for v in val)  # val error per epoch, in %
+    assert len(val) == 8 and all(0 <= v <= 100 for v in val)  # val error per epoch, in %
     assert "ETA" not in page.locator(".run-view .bar-text").inner_text()
 
     # The runs table lists it, with its figures, without a reload.
