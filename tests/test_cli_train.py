@@ -90,7 +90,7 @@ def test_invalid_spec_prints_each_field_and_exits_2(
     assert main(["train", str(spec_file), "--out", str(out), "--set", "workers"]) == 2
     assert "expected FIELD=VALUE" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing.yaml"), "--out", str(out)]) == 2
-    assert "cannot read spec" in capsys.readouterr().err
+    assert "spec file not found" in capsys.readouterr().err
 
 
 def test_set_values_are_read_as_yaml(spec_file: Path, tmp_path: Path) -> None:
@@ -139,3 +139,23 @@ def test_cmd_train_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("layout", ["missing", "wrong_format"])
+def test_data_problems_exit_2_with_one_line(
+    layout: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "cifar"
+    if layout == "wrong_format":  # the files are there, but they are not CIFAR-10 pickles
+        (root / "cifar-10-batches-py").mkdir(parents=True)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            (root / "cifar-10-batches-py" / name).write_bytes(b"not a pickle")
+    spec = {**SPEC, "model": "mlp", "dataset": "cifar10", "data_root": str(root),
+            "dataset_size": 100}  # fmt: skip
+    path = tmp_path / "cifar.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    code = main(["train", str(path), "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "data_root" in lines[0] and "Traceback" not in err, err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import pickle
 import random
 import struct
@@ -14,11 +13,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from trainer import data
+from trainer import RunConfigError, data
 from trainer.data import SyntheticDataset, data_cache_dir, load_datasets
 from trainer.spec import RunSpec
-
-HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
 
 @pytest.fixture(autouse=True)
@@ -111,15 +108,6 @@ def test_synthetic_follows_model_input_shape_and_lazy_path(monkeypatch) -> None:
 
 
 # --- on-disk formats ------------------------------------------------------------------------------
-@pytest.fixture(params=["builtin", "torchvision"])
-def backend(request, monkeypatch) -> str:
-    if request.param == "builtin":
-        monkeypatch.setattr(data, "_torchvision", lambda: None)
-    elif not HAS_TORCHVISION:
-        pytest.skip("torchvision not installed (vision extra)")
-    return request.param
-
-
 def _write_idx(path: Path, arr: np.ndarray, magic: int, compress: bool) -> None:
     header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape)
     raw = header + arr.astype(np.uint8).tobytes()
@@ -145,9 +133,7 @@ def _mnist_root(tmp_path: Path, n_train: int = 30, n_val: int = 10, compress: bo
 
 
 @pytest.mark.parametrize("compress", [False, True])
-def test_mnist_idx_files(tmp_path, backend, compress) -> None:
-    if backend == "torchvision" and compress:
-        pytest.skip("torchvision reads only uncompressed files offline; covered by builtin")
+def test_mnist_idx_files(tmp_path, compress) -> None:
     root, arrays = _mnist_root(tmp_path, compress=compress)
     spec = RunSpec(
         model="simple_cnn",
@@ -167,7 +153,7 @@ def test_mnist_idx_files(tmp_path, backend, compress) -> None:
     np.testing.assert_allclose(x[:, 0].numpy(), expected, atol=1e-4)
 
 
-def test_mnist_subset_and_errors(tmp_path, backend) -> None:
+def test_mnist_subset_and_errors(tmp_path) -> None:
     root, arrays = _mnist_root(tmp_path)
     spec = RunSpec(
         model="simple_cnn",
@@ -185,15 +171,13 @@ def test_mnist_subset_and_errors(tmp_path, backend) -> None:
         load_datasets(too_many)
 
     (root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").unlink()
-    with pytest.raises(FileNotFoundError, match=r"data_root .*t10k-labels-idx1-ubyte"):
+    with pytest.raises(RunConfigError, match=r"data_root .*t10k-labels-idx1-ubyte"):
         load_datasets(spec)
-    with pytest.raises(FileNotFoundError, match="data_root"):
+    with pytest.raises(RunConfigError, match="data_root"):
         load_datasets(spec.model_copy(update={"data_root": str(tmp_path / "nowhere")}))
 
 
-def test_idx_bad_magic(tmp_path, backend) -> None:
-    if backend == "torchvision":
-        pytest.skip("the magic check is the builtin reader's")
+def test_idx_bad_magic(tmp_path) -> None:
     root, _ = _mnist_root(tmp_path)
     path = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
     path.write_bytes(b"\x00\x00\x09\x99" + path.read_bytes()[4:])
@@ -222,7 +206,7 @@ def _cifar_root(tmp_path: Path, per_batch: int = 4):
     return tmp_path / "cifar", out
 
 
-def test_cifar10_pickles(tmp_path, backend) -> None:
+def test_cifar10_pickles(tmp_path) -> None:
     root, batches = _cifar_root(tmp_path)
     spec = RunSpec(
         model="resnet20",
@@ -253,7 +237,7 @@ def test_cifar10_missing_batch(tmp_path) -> None:
     spec = RunSpec(
         model="resnet20", dataset="cifar10", data_root=str(root), dataset_size=8, batch_per_worker=4
     )
-    with pytest.raises(FileNotFoundError, match="data_root.*data_batch_3"):
+    with pytest.raises(RunConfigError, match="data_root.*data_batch_3"):
         load_datasets(spec)
 
 
@@ -312,5 +296,5 @@ def test_imagefolder_missing_split(tmp_path) -> None:
         dataset_size=6,
         batch_per_worker=2,
     )
-    with pytest.raises(FileNotFoundError, match="data_root.*val"):
+    with pytest.raises(RunConfigError, match="data_root.*val"):
         load_datasets(spec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,19 +16,19 @@ from torch.utils.data import Dataset
 
 import trainer.data
 from trainer import RunConfigError, fit
+from trainer.batches import epoch_permutation, micro_batch_size
 from trainer.checkpoint import load_checkpoint
 from trainer.data import Splits
-from trainer.loop import FitResult, epoch_permutation, micro_batch_size, norm_group_size
+from trainer.loop import FitResult
 from trainer.metrics import (
     SUMMARY_KEYS,
     EvalPoint,
     SummaryTracker,
     first_reaching,
-    loss_oscillation,
     median_last,
 )
 from trainer.models import build_model
-from trainer.norms import set_group_size
+from trainer.norms import norm_group_size, set_group_size
 from trainer.optim import build_optimizer, set_lr
 from trainer.schedule import lr_at
 from trainer.sink import MemorySink
@@ -83,6 +84,8 @@ def tiny(**kw: Any) -> RunSpec:
         "seed": 3,
     }
     base.update(kw)
+    if "milestones" not in kw and base["epochs"] <= 1.6:
+        base["milestones"] = []  # a decay at or past the end is refused: none in short runs
     return RunSpec(**base)
 
 
@@ -90,6 +93,13 @@ def run(spec: RunSpec, run_dir: Path | None = None, **kw: Any) -> tuple[MemorySi
     sink = MemorySink()
     result = fit(spec, sink, run_dir=run_dir, **kw)
     return sink, result
+
+
+def loss_oscillation(losses: list[float]) -> float | None:
+    """Mean absolute change of the loss between consecutive iterations (None if < 2)."""
+    if len(losses) < 2:
+        return None
+    return sum(abs(b - a) for a, b in zip(losses, losses[1:], strict=False)) / (len(losses) - 1)
 
 
 def max_rel(a: list[float], b: list[float]) -> float:
@@ -237,8 +247,6 @@ def test_norm_group_sizes_and_micro_batch_sizes() -> None:
     assert micro_batch_size(128, 32, 200) == 128
     assert micro_batch_size(128, 32, 80) == 64  # whole workers only
     assert micro_batch_size(128, 32, 8) == 8
-    with pytest.raises(RunConfigError, match="micro_batch"):
-        micro_batch_size(128, 32, 12)
     assert norm_group_size(tiny(), 32) == 8
     assert norm_group_size(tiny(), 4) == 4
     assert norm_group_size(tiny(norm="bn_ghost", ghost_batch=4), 16) == 4
@@ -304,10 +312,85 @@ def test_divergence_stops_the_run_at_its_step() -> None:
 
 
 def test_cancel_at_the_first_poll(tmp_path: Path) -> None:
-    sink, result = run(tiny(), tmp_path, should_stop=lambda: True)
+    asked: list[int] = []  # the first ask is before training (a cancel during data loading)
+
+    def second_ask() -> bool:
+        asked.append(1)
+        return len(asked) > 1
+
+    sink, result = run(tiny(), tmp_path, should_stop=second_ask)
     assert result.status == "cancelled" and result.iterations == 1
     assert sink.steps("loss") == [0] and sink.closed
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_cancel_while_data_loads_stops_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cancelled = threading.Event()
+    real_load = trainer.data.load_datasets
+
+    def slow_load(spec: RunSpec, should_stop: Any = None) -> Any:
+        splits = real_load(spec)
+        cancelled.set()  # the user cancels while the data is being built
+        return splits
+
+    monkeypatch.setattr(trainer.data, "load_datasets", slow_load)
+    sink, result = run(tiny(), tmp_path, should_stop=cancelled.is_set)
+    assert result.status == "cancelled" and result.iterations == 0
+    assert sink.steps("loss") == [] and sink.closed
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_cancel_while_mnist1d_generates_stops_the_generator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large MNIST-1D set takes minutes to generate: a cancel must not wait for it."""
+    import time
+
+    monkeypatch.setenv("BATCHLAB_DATA_CACHE", str(tmp_path / "cache"))
+    spec = RunSpec(dataset="mnist1d", dataset_size=20_000, model="mlp", epochs=1, warmup="none")
+    t0 = time.monotonic()
+    _, result = run(spec, tmp_path / "run", should_stop=lambda: True)
+    assert result.status == "cancelled" and result.iterations == 0
+    assert time.monotonic() - t0 < 10  # about a second; generating all of it takes ~40 s
+    assert not list((tmp_path / "cache").glob("*.npz"))  # no partial set cached
+    import mnist1d.data
+
+    assert mnist1d.data.transform.__module__ == "mnist1d.transform"  # restored after
+
+
+def test_cancel_during_the_last_epoch_is_cancelled_not_succeeded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainer.loop
+
+    monkeypatch.setattr(trainer.loop, "MAX_FLUSH_EVERY", 1)  # flush and poll every step
+    monkeypatch.setattr(trainer.loop, "POLL_INTERVAL_S", 0.0)
+    sink = MemorySink()
+    stop_at = IPE + 2  # mid-way through the second and last epoch
+    result = fit(
+        tiny(epochs=2),
+        sink,
+        run_dir=tmp_path,
+        should_stop=lambda: stop_at in sink.steps("loss"),
+    )
+    assert result.status == "cancelled"
+    assert stop_at < result.iterations < 2 * IPE
+    assert sink.steps("val_err") == [IPE - 1]  # the last epoch's end never came
+
+
+def test_extended_run_measures_oscillation_over_its_own_second_half(tmp_path: Path) -> None:
+    """Extending a run (more epochs, resumed from its checkpoint) moves the planned second
+    half; loss_oscillation must be the straight run's, not the parent's window."""
+    flat = {"decay": "constant", "warmup": "none", "milestones": [], "checkpoint": True}
+    run(tiny(epochs=2, **flat), tmp_path / "extended")
+    _, extended = run(tiny(epochs=4, **flat), tmp_path / "extended")
+    _, straight = run(tiny(epochs=4, **flat), tmp_path / "straight")
+    assert extended.iterations == straight.iterations
+    assert extended.summary["loss_oscillation"] == pytest.approx(
+        straight.summary["loss_oscillation"], rel=1e-5
+    )
 
 
 def test_resume_after_cancel_follows_the_straight_run(tmp_path: Path) -> None:
@@ -392,7 +475,7 @@ def test_lazy_datasets_go_through_a_dataloader_with_the_same_batches(
     direct, _ = run(spec)
     real = trainer.data.load_datasets
 
-    def lazy(s: RunSpec) -> Splits:
+    def lazy(s: RunSpec, should_stop: Any = None) -> Splits:
         splits = real(s)
         return Splits(_Lazy(splits.train), _Lazy(splits.val), splits.num_classes, (40,))
 
@@ -445,3 +528,52 @@ def test_tracker_state_round_trip_and_non_finite_values() -> None:
     assert again.summary()["time_to_target_s"] == 2.0
     again.add_iteration(4, float("nan"), 0.1)
     assert again.summary()["loss_oscillation"] is None  # nan -> None: JSON stays valid
+
+
+def running_stats(run_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in params_of(run_dir).items() if "running" in k}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"micro_batch": 16},  # chunks of two whole workers
+        {"micro_batch": 4},  # chunks below n: BN groups of 4
+        {"norm": "cbn", "micro_batch": 16},
+    ],
+    ids=["workers", "below-n", "cbn"],
+)
+def test_running_stats_do_not_depend_on_micro_batches(tmp_path: Path, extra: dict) -> None:
+    """One iteration forwarded in chunks leaves the running statistics one pass leaves."""
+    spec = tiny(epochs=1, dataset_size=40, warmup="none", **extra)  # 32 samples: 1 iteration
+    whole = spec.model_copy(update={"micro_batch": None})
+    if spec.micro_batch < spec.batch_per_worker:  # the same BN groups in both runs
+        whole = whole.model_copy(update={"batch_per_worker": 4, "workers": 8})
+    run(spec, tmp_path / "chunks")
+    run(whole, tmp_path / "whole")
+    a, b = running_stats(tmp_path / "chunks"), running_stats(tmp_path / "whole")
+    assert a.keys() == b.keys() and len(a) >= 4
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_samples_dropped_per_epoch_is_reported(tmp_path: Path) -> None:
+    # 160 training samples, kn = 48: 3 iterations per epoch use 144, 16 are left out.
+    sink, result = run(tiny(epochs=1, workers=6))
+    assert sink.meta["samples_dropped_per_epoch"] == 16
+    assert result.summary["samples_dropped_per_epoch"] == 16
+    _, exact = run(tiny(epochs=1))
+    assert exact.summary["samples_dropped_per_epoch"] == 0
+
+
+def test_fit_result_to_dict() -> None:
+    result = FitResult("diverged", 7, 1.4, 6, {"final_val_err": None}, "loss nan at step 6")
+    assert result.to_dict() == {
+        "status": "diverged",
+        "iterations": 7,
+        "epochs": 1.4,
+        "diverged_step": 6,
+        "summary": {"final_val_err": None},
+        "error": "loss nan at step 6",
+    }
+    assert FitResult(**result.to_dict()) == result

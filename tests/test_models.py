@@ -5,6 +5,8 @@ from __future__ import annotations
 import builtins
 import importlib.util
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -184,6 +186,36 @@ def test_resnet50_builds(norm: str) -> None:
 
         blocks = [m for m in net.modules() if isinstance(m, Bottleneck)]
         assert all(torch.count_nonzero(b.bn3.weight) == 0 for b in blocks)
+
+
+def _torchvision_stand_in(monkeypatch) -> None:
+    """torchvision's resnet50 interface, its fc left at nn.Linear's default init."""
+    models = types.ModuleType("torchvision.models")
+    resnet = types.ModuleType("torchvision.models.resnet")
+
+    def resnet50(weights: None, num_classes: int, norm_layer: object) -> nn.Module:
+        net = nn.Module()
+        net.fc = nn.Linear(2048, num_classes)
+        return net
+
+    models.resnet50, resnet.Bottleneck = resnet50, type("Bottleneck", (nn.Module,), {})
+    models.resnet = resnet
+    tv = types.ModuleType("torchvision")
+    tv.models = models
+    for name, mod in [("torchvision", tv), ("torchvision.models", models),
+                      ("torchvision.models.resnet", resnet)]:  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+def test_resnet50_classifier_is_drawn_from_normal_0_01(monkeypatch) -> None:
+    """Goyal et al. sec. 5.1: the last FC from N(0, 0.01), not torchvision's default."""
+    if not HAS_TORCHVISION:
+        _torchvision_stand_in(monkeypatch)
+    torch.manual_seed(0)
+    spec = RunSpec(model="resnet50", dataset="synthetic", batch_per_worker=8)
+    fc = build_model(spec, num_classes=100).fc
+    assert abs(fc.weight.std().item() - 0.01) < 3e-4  # default init: 1/sqrt(3*2048) = 0.0128
+    assert abs(fc.weight.mean().item()) < 3e-4 and torch.count_nonzero(fc.bias) == 0
 
 
 def test_bad_num_classes() -> None:

@@ -14,9 +14,9 @@ from trainer.norms import (
     CrossIterationBatchNorm,
     FilterResponseNorm,
     GroupedBatchNorm,
-    default_group_size,
     make_norm,
     make_norm_act,
+    norm_group_size,
     set_group_size,
 )
 from trainer.spec import RunSpec
@@ -121,16 +121,27 @@ def test_group_must_divide_batch() -> None:
 
 def test_group_size_helpers() -> None:
     spec = RunSpec(workers=4, batch_per_worker=8)
-    assert default_group_size(spec) == 8
-    assert default_group_size(spec.model_copy(update={"norm": "bn_sync"})) is None
+    assert norm_group_size(spec) == 8
+    assert norm_group_size(spec.model_copy(update={"norm": "bn_sync"})) is None
     ghost = RunSpec(norm="bn_ghost", ghost_batch=4, batch_per_worker=8)
-    assert default_group_size(ghost) == 4
+    assert norm_group_size(ghost) == 4
     model = nn.Sequential(make_norm_act(spec, C, 1), make_norm_act(ghost, C, 1))
     assert [m.group_size for m in model.modules() if isinstance(m, GroupedBatchNorm)] == [8, 4]
     set_group_size(model, 2)
     assert [m.group_size for m in model.modules() if isinstance(m, GroupedBatchNorm)] == [2, 2]
     with pytest.raises(ValueError):
         set_group_size(model, 0)
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_grouped_bn_runs_in_float64(group_size: int | None) -> None:
+    bn = GroupedBatchNorm(C, dims=1, group_size=group_size).double()
+    ref = nn.BatchNorm1d(C).double()
+    x = torch.randn(8, C, 5, dtype=torch.float64)
+    y = bn(x)
+    assert y.dtype == torch.float64 and bn.running_mean.dtype == torch.float64
+    chunks = x.split(group_size or 8)
+    torch.testing.assert_close(y, torch.cat([ref.train()(c) for c in chunks]))
 
 
 # --- synchronised BN over gloo ------------------------------------------------------------------

@@ -25,7 +25,9 @@ def test_defaults_validate_and_describe_the_paper_setting() -> None:
     spec = RunSpec()
     assert spec.total_batch == spec.workers * spec.batch_per_worker
     assert spec.warmup == "gradual" and spec.weight_decay == 1e-4
-    assert spec.milestones == [30.0, 60.0, 80.0]
+    # The paper's 30, 60, 80 of 90 epochs, scaled to the default 20.
+    assert spec.milestones == [6.67, 13.33, 17.78] and spec.epochs == 20
+    assert RunSpec(epochs=90).milestones == [30.0, 60.0, 80.0]
 
 
 def test_batch_larger_than_training_set_names_batch_per_worker() -> None:
@@ -68,6 +70,17 @@ def test_cross_field_rules_name_the_later_field() -> None:
     assert _error_fields(model="resnet20", dataset="mnist1d")[0][0] == "dataset"
     assert _error_fields(milestones=[60, 30])[0][0] == "milestones"
     assert _error_fields(model="resnet20", dataset="cifar10")[0][0] == "data_root"
+
+
+def test_precision_refuses_fp16_with_the_reason_and_compile_is_opt_in() -> None:
+    [(field, msg)] = _error_fields(precision="fp16")
+    assert field == "precision" and "GradScaler" in msg and "bf16" in msg
+    [(field, _)] = _error_fields(precision="fp64")
+    assert field == "precision"
+    assert RunSpec().compile is False and RunSpec().precision == "fp32"
+    assert RunSpec(compile=True, precision="bf16").compile is True
+    [(field, _)] = _error_fields(compile="sometimes")
+    assert field == "compile"
 
 
 def test_spec_is_frozen() -> None:
@@ -150,3 +163,70 @@ def test_docs_runspec_lists_every_field_with_its_default() -> None:
         if isinstance(documented, str) and documented[:1].isdigit():
             documented = float(documented)  # YAML 1.1 reads 1e-4 as a string
         assert documented == field.get_default(call_default_factory=True), name
+
+
+@pytest.mark.parametrize("name", ["baseline", "large_gradual", "sweep_base"])
+def test_example_specs_use_every_sample_at_every_swept_batch(name: str) -> None:
+    """A sweep of kn = 32 ... 8192 over the presets never drops part of an epoch."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "specs" / f"{name}.yaml"
+    spec = RunSpec.model_validate(yaml.safe_load(path.read_text()))
+    assert spec.train_size is not None
+    for kn in (32 * 2**i for i in range(9)):
+        assert spec.train_size % kn == 0, (kn, spec.train_size)
+        assert spec.with_total_batch(kn).train_size == spec.train_size
+
+
+# --- resource limits (docs/runspec.md, "Limits") -------------------------------------------
+@pytest.mark.parametrize(
+    ("update", "field"),
+    [
+        ({"dataset_size": 2**62}, "dataset_size"),
+        ({"dataset": "mnist1d", "dataset_size": 5_000_000}, "dataset_size"),
+        (
+            {"model": "resnet50", "dataset": "synthetic", "dataset_size": 1_000_000},
+            "dataset_size",
+        ),
+        ({"milestones": [float(i) for i in range(1, 30_001)]}, "milestones"),
+        ({"milestones": [1e300]}, "milestones"),
+        ({"seed": 2**32}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"eval_every": 10**9}, "eval_every"),
+        ({"micro_batch": 10**9}, "micro_batch"),
+        ({"ref_batch": 2**40}, "ref_batch"),
+        ({"warmup": "none", "warmup_epochs": 1e300}, "warmup_epochs"),
+        ({"ghost_batch": 10**9}, "ghost_batch"),
+        ({"base_lr": float("nan")}, "base_lr"),
+        ({"divergence_factor": float("inf")}, "divergence_factor"),
+        ({"milestones": [10.0, float("inf")]}, "milestones"),
+        ({"model": "mlp", "dataset": "mnist", "data_root": "/data\x00/mnist"}, "data_root"),
+        ({"model": "mlp", "dataset": "mnist", "data_root": "/data/\ud800"}, "data_root"),
+    ],
+)
+def test_values_past_the_limits_are_refused_naming_the_field(update, field) -> None:
+    with pytest.raises(ValidationError) as err:
+        RunSpec.model_validate(update)
+    assert [e["loc"][0] for e in err.value.errors()] == [field]
+
+
+def test_values_at_the_limits_are_accepted() -> None:
+    spec = RunSpec.model_validate(
+        {
+            "dataset": "mnist1d",
+            "dataset_size": 1_000_000,
+            "seed": 2**32 - 1,
+            "epochs": 101,
+            "milestones": [float(i) for i in range(1, 101)],
+            "eval_every": 10_000,
+            "micro_batch": 65_536,
+            "ref_batch": 2**20,
+        }
+    )
+    assert spec.seed == 2**32 - 1 and len(spec.milestones) == 100
+
+
+def test_docs_runspec_lists_the_limits() -> None:
+    from trainer import spec as spec_module
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "runspec.md").read_text(encoding="utf-8")
+    for name in ("MAX_DATASET_SIZE", "MAX_MNIST1D_SIZE", "MAX_MILESTONES", "MAX_SEED"):
+        assert f"{getattr(spec_module, name):_}" in text.replace(",", "_"), name

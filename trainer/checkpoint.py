@@ -9,13 +9,12 @@ pure function of (seed, epoch).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from core.files import atomic_write
 from trainer import RunConfigError
 from trainer.spec import RunSpec
 
@@ -35,24 +34,22 @@ FORMAT_VERSION = 1
 # Spec fields that may change between a checkpoint and its resume without changing the
 # trajectory of the iterations still to run.
 IGNORED_ON_RESUME = frozenset(
-    {"eval_every", "target_accuracy", "divergence_factor", "checkpoint", "device", "data_root"}
+    {
+        "eval_every",
+        "target_accuracy",
+        "divergence_factor",
+        "checkpoint",
+        "device",
+        "data_root",
+        "compile",
+    }
 )
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (a temporary file, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"format": FORMAT_VERSION, **state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``state`` to ``path`` atomically and durably (a resume after kill -9 finds the
+    previous checkpoint or this one)."""
+    atomic_write(path, lambda fh: torch.save({"format": FORMAT_VERSION, **state}, fh))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
@@ -72,7 +69,9 @@ def check_compatible(saved_spec: dict[str, Any], spec: RunSpec, path: str | Path
     differ = sorted(
         k
         for k in set(current) | set(saved_spec)
-        if k not in IGNORED_ON_RESUME and current.get(k) != saved_spec.get(k)
+        if k not in IGNORED_ON_RESUME
+        and current.get(k) != saved_spec.get(k)
+        and not (k == "epochs" and _extends(saved_spec.get(k), current.get(k)))
     )
     if differ:
         details = ", ".join(f"{k}: {saved_spec.get(k)!r} -> {current.get(k)!r}" for k in differ)
@@ -80,6 +79,13 @@ def check_compatible(saved_spec: dict[str, Any], spec: RunSpec, path: str | Path
             f"{path} was written for a different spec ({details}); resume with the same "
             "spec, or start over (resume=False / --no-resume)"
         )
+
+
+def _extends(saved: Any, current: Any) -> bool:
+    """More epochs than the checkpoint's spec: "train N more epochs" (POST
+    /api/runs/{id}/extend) continues the same trajectory; the iterations already run do
+    not depend on where training ends (a cosine decay is stretched from here on)."""
+    return isinstance(saved, int) and isinstance(current, int) and current > saved
 
 
 def rng_state() -> dict[str, Any]:

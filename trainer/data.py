@@ -4,7 +4,8 @@ Datasets that fit in memory come back as ``TensorDataset(x float32, y int64)`` s
 can index the tensors directly. Nothing here downloads: MNIST-1D is generated locally with
 the ``mnist1d`` package's own generator (and cached), the synthetic set is computed, and
 MNIST / CIFAR-10 / ImageFolder are read from ``spec.data_root`` in their published on-disk
-formats (through torchvision when it is installed, by the readers below otherwise).
+formats by the readers below (no torchvision needed; they also read .gz MNIST files).
+A missing or unreadable ``data_root`` is a ``RunConfigError`` naming it.
 
 The data never depends on ``spec.seed``: runs that differ only in their seed see the same
 samples, so seed-to-seed variation is the training's alone.
@@ -15,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
+import pickle
 import random
-import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from core.files import atomic_write, evict_lru, touch
+from trainer import RunConfigError
 from trainer.spec import DEFAULT_DATASET_SIZE, NUM_CLASSES, RunSpec, input_shape
 
-__all__ = ["Splits", "SyntheticDataset", "data_cache_dir", "load_datasets"]
+__all__ = ["LoadCancelled", "Splits", "SyntheticDataset", "data_cache_dir", "load_datasets"]
 
 # Fixed seed of the synthetic data (independent of spec.seed, see the module docstring).
 SYNTHETIC_SEED = 20170608
@@ -36,6 +41,10 @@ SYNTHETIC_SEED = 20170608
 _MNIST1D_CACHE_VERSION = 1
 # Synthetic sets larger than this are generated per sample on access instead of stored.
 _IN_MEMORY_LIMIT_BYTES = 512 * 2**20
+
+
+class LoadCancelled(Exception):
+    """``should_stop`` answered True while the data was being generated."""
 
 
 @dataclass
@@ -49,21 +58,29 @@ class Splits:
 
 
 def data_cache_dir() -> Path:
-    """$BATCHLAB_DATA_CACHE, else $BATCHLAB_HOME/data, else ./.batchlab/data."""
-    explicit = os.environ.get("BATCHLAB_DATA_CACHE")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("BATCHLAB_HOME", "./.batchlab")) / "data"
+    """$BATCHLAB_DATA_CACHE, else $BATCHLAB_HOME/data (core.settings)."""
+    from core.settings import get_settings
+
+    return get_settings().data_cache
 
 
-def load_datasets(spec: RunSpec) -> Splits:
-    """Build (or read) the train and validation sets ``spec`` asks for."""
+def load_datasets(spec: RunSpec, should_stop: Callable[[], bool] | None = None) -> Splits:
+    """Build (or read) the train and validation sets ``spec`` asks for.
+
+    A long MNIST-1D generation asks ``should_stop`` about once a second and raises
+    ``LoadCancelled`` when it answers True (a cancelled run does not wait for its data).
+    """
     if spec.dataset == "mnist1d":
-        splits = _mnist1d(spec)
+        splits = _mnist1d(spec, should_stop)
     elif spec.dataset == "synthetic":
         splits = _synthetic(spec)
     elif spec.dataset in ("mnist", "cifar10", "imagefolder"):
-        splits = _from_disk(spec)
+        try:
+            splits = _from_disk(spec)
+        except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+            if isinstance(exc, RunConfigError):
+                raise
+            raise RunConfigError(f"data_root {spec.data_root!r}: {exc}") from exc
     else:
         raise ValueError(f"dataset: unknown dataset {spec.dataset!r}")
     want = spec.train_size
@@ -76,7 +93,7 @@ def load_datasets(spec: RunSpec) -> Splits:
 
 
 # --- MNIST-1D ---------------------------------------------------------------------------------
-def _mnist1d(spec: RunSpec) -> Splits:
+def _mnist1d(spec: RunSpec, should_stop: Callable[[], bool] | None = None) -> Splits:
     """MNIST-1D from the package's generator, its own 80/20 train/test split kept.
 
     The generator makes ``num_samples // 10`` samples per class, so a size that is not a
@@ -85,7 +102,7 @@ def _mnist1d(spec: RunSpec) -> Splits:
     """
     size = spec.dataset_size or DEFAULT_DATASET_SIZE["mnist1d"]
     assert size is not None
-    arrays = mnist1d_arrays(math.ceil(size / 10) * 10)
+    arrays = mnist1d_arrays(math.ceil(size / 10) * 10, should_stop)
     n_train = spec.train_size
     assert n_train is not None
     n_val = size - n_train
@@ -111,7 +128,9 @@ def _mnist1d_args(num_samples: int) -> dict[str, Any]:
     return args
 
 
-def mnist1d_arrays(num_samples: int) -> dict[str, np.ndarray]:
+def mnist1d_arrays(
+    num_samples: int, should_stop: Callable[[], bool] | None = None
+) -> dict[str, np.ndarray]:
     """x, y, x_test, y_test of MNIST-1D with ``num_samples``, cached as .npz.
 
     The cache file is named by a hash of the generator arguments (and package version)
@@ -129,23 +148,30 @@ def mnist1d_arrays(num_samples: int) -> dict[str, np.ndarray]:
     if path.exists():
         try:
             with np.load(path) as f:
-                return {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+                arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+            touch(path)  # recently used: evicted last
+            return arrays
         except (OSError, ValueError, KeyError, EOFError):
             pass  # unreadable cache (e.g. disk full when written): regenerate below
-    arrays = _generate_mnist1d(args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    arrays = _generate_mnist1d(args, should_stop)
+    atomic_write(path, lambda fh: np.savez(fh, **arrays), fsync=False)  # a cache: regenerated
+    _bound_cache(path)
     return arrays
 
 
-def _generate_mnist1d(args: dict[str, Any]) -> dict[str, np.ndarray]:
+def _bound_cache(written: Path) -> None:
+    """Keep the generated files within ``Settings.data_cache_max_bytes`` (0: no bound),
+    least recently used first; the file just written stays."""
+    from core.settings import get_settings
+
+    limit = get_settings().data_cache_max_bytes
+    if limit > 0:
+        evict_lru(written.parent, "mnist1d-*.npz", limit, keep=written)
+
+
+def _generate_mnist1d(
+    args: dict[str, Any], should_stop: Callable[[], bool] | None = None
+) -> dict[str, np.ndarray]:
     # make_dataset, never get_dataset (which downloads). The generator reseeds Python's and
     # NumPy's global RNGs; their states are restored so the caller's randomness is untouched.
     from mnist1d.data import make_dataset
@@ -153,7 +179,8 @@ def _generate_mnist1d(args: dict[str, Any]) -> dict[str, np.ndarray]:
 
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        data = make_dataset(ObjectView(dict(args)))
+        with _polled_transform(should_stop):
+            data = make_dataset(ObjectView(dict(args)))
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
@@ -163,6 +190,36 @@ def _generate_mnist1d(args: dict[str, Any]) -> dict[str, np.ndarray]:
         "x_test": np.asarray(data["x_test"], dtype=np.float32),
         "y_test": np.asarray(data["y_test"], dtype=np.int64),
     }
+
+
+@contextmanager
+def _polled_transform(should_stop: Callable[[], bool] | None) -> Iterator[None]:
+    """Ask ``should_stop`` about once a second while MNIST-1D generates.
+
+    ``make_dataset`` draws its samples one by one through the module's ``transform``; the
+    wrapper calls it unchanged (same random draws, so the same data) and polls between
+    samples, since a large set takes minutes and the package offers no hook of its own.
+    """
+    if should_stop is None:
+        yield
+        return
+    import mnist1d.data as generator
+
+    original, last = generator.transform, time.monotonic()
+
+    def transform(*args: Any, **kwargs: Any) -> Any:
+        nonlocal last
+        if time.monotonic() - last >= 1.0:
+            last = time.monotonic()
+            if should_stop():
+                raise LoadCancelled("cancelled while MNIST-1D was being generated")
+        return original(*args, **kwargs)
+
+    generator.transform = transform
+    try:
+        yield
+    finally:
+        generator.transform = original
 
 
 # --- synthetic -------------------------------------------------------------------------------
@@ -233,22 +290,10 @@ _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "val": ["test_batch"]}
 
 
-def _torchvision() -> Any | None:
-    """torchvision's datasets module when it is installed (tests patch this)."""
-    try:
-        import torchvision.datasets
-
-        return torchvision.datasets
-    except ImportError:
-        return None
-
-
 def _from_disk(spec: RunSpec) -> Splits:
-    if spec.data_root is None:  # RunSpec rejects this already; kept for direct callers
-        raise ValueError(f"dataset {spec.dataset!r} is read from a local folder: set data_root")
-    root = Path(spec.data_root).expanduser()
+    root = Path(str(spec.data_root)).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"data_root {str(root)!r} is not a folder")
+        raise RunConfigError(f"data_root {str(root)!r} is not a folder")
     if spec.dataset == "imagefolder":
         return _imagefolder(spec, root)
     reader = _read_mnist if spec.dataset == "mnist" else _read_cifar10
@@ -270,7 +315,7 @@ def _subset(spec: RunSpec, available: int, root: Path) -> np.ndarray:
     """Indices of the training samples used: all, or a fixed-seed subset of dataset_size."""
     want = spec.train_size
     if want is None or want > available:
-        raise ValueError(
+        raise RunConfigError(
             f"dataset_size: data_root {str(root)!r} holds {available} training samples, "
             f"the run needs {want}; set dataset_size <= {available}"
         )
@@ -282,13 +327,6 @@ def _subset(spec: RunSpec, available: int, root: Path) -> np.ndarray:
 
 def _read_mnist(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """MNIST images (N, 1, 28, 28) uint8 and labels (N,) from the raw idx-ubyte files."""
-    tv = _torchvision()
-    if tv is not None:
-        try:
-            ds = tv.MNIST(str(root), train=split == "train", download=False)
-            return ds.data.numpy()[:, None], ds.targets.numpy().astype(np.int64)
-        except RuntimeError:
-            pass  # e.g. only .gz files, which torchvision will not read offline: ours does
     images, labels = (_find_mnist_file(root, name) for name in _MNIST_FILES[split])
     x = _read_idx(images, expected_magic=0x803)
     y = _read_idx(labels, expected_magic=0x801).astype(np.int64)
@@ -303,7 +341,7 @@ def _find_mnist_file(root: Path, name: str) -> Path:
         for candidate in (folder / name, folder / f"{name}.gz"):
             if candidate.is_file():
                 return candidate
-    raise FileNotFoundError(
+    raise RunConfigError(
         f"data_root {str(root)!r}: MNIST file {name} (or {name}.gz) not found in "
         f"{root / 'MNIST' / 'raw'}"
     )
@@ -329,21 +367,12 @@ def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
 
 def _read_cifar10(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-10 images (N, 3, 32, 32) uint8 and labels from the python-version pickles."""
-    tv = _torchvision()
-    if tv is not None:
-        try:
-            ds = tv.CIFAR10(str(root), train=split == "train", download=False)
-            return ds.data.transpose(0, 3, 1, 2).copy(), np.asarray(ds.targets, dtype=np.int64)
-        except RuntimeError:
-            pass  # its integrity check failed or files are missing: ours says which
-    import pickle
-
     folder = root / _CIFAR_DIR if (root / _CIFAR_DIR).is_dir() else root
     xs, ys = [], []
     for name in _CIFAR_FILES[split]:
         path = folder / name
         if not path.is_file():
-            raise FileNotFoundError(
+            raise RunConfigError(
                 f"data_root {str(root)!r}: CIFAR-10 file {name} not found in {root / _CIFAR_DIR}"
             )
         with open(path, "rb") as fh:
@@ -358,9 +387,9 @@ class ImageFiles(Dataset):
     """Images read lazily from disk: shorter side resized to 224, centre-cropped to
     224 x 224, RGB, normalised with ImageNet's per-channel mean and std.
 
-    This reader is used even when torchvision is installed: torchvision's ImageFolder
-    numbers the classes of val/ from val/'s own folders, so a class missing there would
-    shift every later label; here both splits use train/'s class list.
+    Not torchvision's ImageFolder, which numbers the classes of val/ from val/'s own
+    folders, so a class missing there would shift every later label; here both splits
+    use train/'s class list.
     """
 
     def __init__(self, samples: list[tuple[Path, int]]) -> None:
@@ -392,7 +421,7 @@ def _list_images(
     folder: Path, classes: list[str] | None, root: Path
 ) -> tuple[list[tuple[Path, int]], list[str]]:
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise RunConfigError(
             f"data_root {str(root)!r}: expected class folders under {folder} "
             "(layout: train/<class>/*.jpg and val/<class>/*.jpg)"
         )
@@ -401,7 +430,7 @@ def _list_images(
         classes = found
     unknown = set(found) - set(classes)
     if unknown:
-        raise ValueError(
+        raise RunConfigError(
             f"data_root {str(root)!r}: {folder.name}/ has classes not in train/: {sorted(unknown)}"
         )
     index = {c: i for i, c in enumerate(classes)}
@@ -412,14 +441,14 @@ def _list_images(
         if p.suffix.lower() in _IMAGE_EXTENSIONS
     ]
     if not samples:
-        raise FileNotFoundError(f"data_root {str(root)!r}: no images under {folder}")
+        raise RunConfigError(f"data_root {str(root)!r}: no images under {folder}")
     return samples, classes
 
 
 def _imagefolder(spec: RunSpec, root: Path) -> Splits:
     train_samples, classes = _list_images(root / "train", None, root)
     if len(classes) < 2:
-        raise ValueError(f"data_root {str(root)!r}: train/ needs at least 2 class folders")
+        raise RunConfigError(f"data_root {str(root)!r}: train/ needs at least 2 class folders")
     val_samples, _ = _list_images(root / "val", classes, root)
     keep = _subset(spec, len(train_samples), root)
     train_samples = [train_samples[i] for i in keep]

@@ -8,10 +8,11 @@ DDP averages gradients over processes by default. The loop normalises every proc
 loss by the *global* k*n (Goyal et al. Remark 3), so the all-reduce must *sum*:
 :func:`sum_allreduce_hook` is registered on every DDP model.
 
-DDP keeps buffers (BN running statistics) equal across processes by broadcasting rank 0's
-before each forward, so running statistics follow rank 0's workers while parameters see
-every worker: a DDP run's parameters match the virtual run's, its running statistics
-(and therefore its validation figures) can differ slightly.
+Buffers (BN running statistics) are not broadcast before each forward, as DDP does by
+default (they would follow rank 0's workers only): each process updates its own from its
+workers, and :func:`average_buffers_` averages them before evaluation and checkpoints. The
+running update is linear in the batch statistics, so the average equals the statistics of
+the virtual run, which takes the mean over all k workers' statistics in one pass.
 """
 
 # No ``from __future__ import annotations`` here: DDP checks the comm hook's annotations
@@ -32,9 +33,11 @@ from trainer import RunConfigError
 __all__ = [
     "DistContext",
     "all_reduce_sum_",
+    "average_buffers_",
+    "backend_for",
+    "configure_device",
     "finish",
     "init_from_env",
-    "launched_by_torchrun",
     "resolve_device",
     "shutdown",
     "sum_allreduce_hook",
@@ -60,11 +63,6 @@ class DistContext:
         return self.rank == 0
 
 
-def launched_by_torchrun() -> bool:
-    """True inside a torchrun launch of more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> CUDA when available; each process of a CUDA run gets its local GPU."""
     if requested == "auto":
@@ -76,18 +74,46 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def backend_for(device: torch.device) -> str:
+    """NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def configure_device(device: torch.device) -> None:
+    """Process-wide CUDA settings a training process wants (nothing on the CPU).
+
+    cuDNN autotuning picks the fastest convolution algorithms for the (fixed) batch
+    shapes; TF32 lets fp32 matmuls use tensor cores (cuDNN convolutions already do by
+    default): fp32 accumulation, ~10 mantissa bits in the products, PyTorch's advice for
+    training (docs/runspec.md, ``precision``).
+    """
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+
+
 def init_from_env(requested_device: str) -> tuple[DistContext, torch.device]:
     """The process's context and device; initialises the process group under torchrun."""
-    if not launched_by_torchrun():
-        return DistContext(), resolve_device(requested_device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # not a torchrun launch of several
+        device = resolve_device(requested_device)
+        configure_device(device)
+        return DistContext(), device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(requested_device, local_rank)
+    if device.type == "cuda" and local_rank >= torch.cuda.device_count():
+        raise RunConfigError(
+            f"process {local_rank} of this host has no GPU of its own: "
+            f"{torch.cuda.device_count()} visible, NCCL needs one per process (nproc)"
+        )
+    configure_device(device)
     owns = False
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
+        # device_id binds the NCCL communicator to this process's GPU at once (no guess
+        # from the current device, no extra context on GPU 0).
+        extra = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend_for(device), timeout=timedelta(minutes=10), **extra)
         owns = True
     ctx = DistContext(
         rank=dist.get_rank(),
@@ -138,8 +164,9 @@ def sum_allreduce_hook(
 
 
 def wrap_ddp(model: nn.Module, ctx: DistContext, device: torch.device) -> DDP:
-    """DDP over ``model`` with summed gradients."""
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    """DDP over ``model`` with summed gradients and per-process buffers."""
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = DDP(model, device_ids=ids, broadcast_buffers=False)
     ddp.register_comm_hook(None, sum_allreduce_hook)
     return ddp
 
@@ -149,3 +176,11 @@ def all_reduce_sum_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def average_buffers_(model: nn.Module, ctx: DistContext) -> None:
+    """Replace every floating-point buffer by its mean over the processes (once an epoch)."""
+    for buf in model.buffers() if ctx.distributed else ():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(ctx.world_size)

@@ -2,27 +2,25 @@
 
 One iteration, for k workers of n samples (total kn) over P processes:
 
-1. The LR comes from the pure schedule ``trainer.schedule.lr_at`` (warmup, decay).
-2. The epoch's shuffle is one permutation seeded by (seed, epoch), identical in every
-   process (Remark 4); iteration i takes its next kn indices, worker j the j-th block of
-   n. Process p holds workers [p k/P, (p+1) k/P), i.e. kn/P consecutive indices.
+1. The LR comes from the run's frozen :class:`trainer.schedule.Schedule` (warmup, decay).
+2. The batches follow the run's :class:`trainer.batches.Layout` (one shuffle per epoch).
 3. A process's workers go through ONE forward pass; per-worker BN (``bn_local``) is
    grouped BN with groups of n, which equals k separate BNs. Each micro-batch's loss is
    sum(cross-entropy) / kn (Remark 3), so gradients accumulate over micro-batches and sum
    over processes (DDP with a summing hook) into the gradient of the mean over kn.
-4. The optimizer steps (trainer/optim.py); metrics are buffered on the device and brought
-   to the host about once a second (one synchronisation), where divergence is checked,
-   ``should_stop`` is polled and the sink receives the points.
+4. The optimizer steps (trainer/optim.py); metrics wait on the device in a
+   :class:`MetricBuffer` and come to the host about four times a second (one
+   synchronisation), where divergence is checked, ``should_stop`` is polled and the sink
+   receives the points.
 
 Micro-batches: ``spec.micro_batch`` smaller than a process's kn/P splits the forward into
 chunks that are whole multiples of n (so BN groups stay whole workers); below n it must
 divide n, and the BN groups of ``bn_local``/``cbn`` become the micro-batch (a worker's
 statistics are then taken per micro-batch), those of ``bn_ghost`` gcd(ghost_batch,
 micro_batch), and ``bn_sync`` normalises over each micro-batch (of every process).
-
-Data: in-memory ``TensorDataset``s (every dataset that fits) are indexed directly with
-the permutation, no DataLoader; lazy datasets (large synthetic shapes, image folders) go
-through a DataLoader with worker processes whose batch sampler yields the same indices.
+Running statistics are those of one pass however the batch is split: chunks average
+theirs (:class:`trainer.norms.RunningStatsAverage`), processes theirs before evaluation
+and checkpoints (:func:`trainer.distributed.average_buffers_`).
 
 Timing: ``data_time`` is the time spent shuffling and fetching batches (indexing the
 in-memory tensors, or waiting for the DataLoader), ``compute_time`` the rest of the
@@ -30,45 +28,48 @@ epoch's training time (forward, backward, step, metric flushes); ``epoch_time`` 
 sum, validation and checkpoints excluded. On CUDA, kernels run asynchronously: single
 ``step_time`` values are smoothed over a flush window, whose sum is exact (each flush
 synchronises).
+
+Speed on a GPU: in-memory data lives on the device (trainer/batches.py), cuDNN autotunes
+and fp32 matmuls use TF32 (:func:`trainer.distributed.configure_device`), 2-D conv models
+and their inputs are channels_last, ``precision: bf16`` autocasts the forward, ``compile``
+wraps the training forward in ``torch.compile``; nothing between flushes waits for the
+device (tests/test_gpu_paths.py counts the syncs).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from trainer import RunConfigError
 from trainer import checkpoint as ckpt
 from trainer import distributed as tdist
+from trainer.batches import Batch, Batches, Layout
 from trainer.metrics import EvalPoint, SummaryTracker
 from trainer.optim import build_optimizer, set_lr
-from trainer.schedule import lr_at, warmup_iters
+from trainer.schedule import Schedule
 from trainer.sink import MetricSink, NullSink
 from trainer.spec import RunSpec
 
-__all__ = ["FitResult", "epoch_permutation", "fit", "micro_batch_size", "norm_group_size"]
+__all__ = ["FitResult", "fit"]
 
-# Datasets up to this size move to the GPU once; bigger ones stay in host memory and each
-# iteration's batch is copied.
-DEVICE_DATA_LIMIT_BYTES = 2 << 30
 # Metric flushes aim at four per second (one host sync each, so live curves lag by at most
 # this much); never fewer samples of the loss than this many iterations apart (bounds how
-# far a diverged run overshoots before it is stopped). should_stop is asked once a second.
+# far a diverged run overshoots before it is stopped). should_stop is asked at most every
+# POLL_INTERVAL_S (each flush): it must be cheap, as the worker's flag read is.
 MAX_FLUSH_EVERY = 200
 FLUSH_INTERVAL_S = 0.25
-POLL_INTERVAL_S = 1.0
+POLL_INTERVAL_S = 0.25
 
 
 @dataclass
@@ -82,39 +83,9 @@ class FitResult:
     summary: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
-
-def epoch_permutation(seed: int, epoch: int, size: int) -> torch.Tensor:
-    """The epoch's shuffle of ``range(size)``: a pure function of (seed, epoch).
-
-    ``seed * 1_000_003 + epoch`` never collides for epoch < 1_000_003 (RunSpec allows
-    10_000), so every (seed, epoch) pair gets its own generator seed.
-    """
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(size, generator=gen)
-
-
-def micro_batch_size(process_batch: int, n: int, micro_batch: int | None) -> int:
-    """Samples per forward pass: whole workers (multiples of n), or a divisor of n."""
-    if micro_batch is None or micro_batch >= process_batch:
-        return process_batch
-    if micro_batch >= n:
-        return (micro_batch // n) * n
-    if n % micro_batch:
-        raise RunConfigError(
-            f"micro_batch: {micro_batch} must divide batch_per_worker={n} or exceed it"
-        )
-    return micro_batch
-
-
-def norm_group_size(spec: RunSpec, chunk: int) -> int | None:
-    """BN statistics group size for forwards of ``chunk`` samples (None: whole batch)."""
-    n = spec.batch_per_worker
-    if spec.norm in ("bn_local", "cbn"):
-        return n if chunk >= n else chunk
-    if spec.norm == "bn_ghost":
-        g = spec.ghost_batch or n
-        return g if chunk % g == 0 else math.gcd(g, chunk)
-    return None
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record of the result (summary.json, the worker's result file)."""
+        return asdict(self)
 
 
 def fit(
@@ -131,7 +102,7 @@ def fit(
     Inside torchrun (WORLD_SIZE > 1) every process calls ``fit``; the process group is
     initialised here, only rank 0 writes to the sink and the checkpoint. ``run_dir``
     holds ``checkpoint.pt`` (written at each epoch end when ``spec.checkpoint``; resumed
-    from when ``resume``). ``should_stop`` is polled about once a second and at each
+    from when ``resume``). ``should_stop`` is polled about 4 times a second and at each
     epoch end; True ends the run as cancelled (the last checkpoint is kept).
     """
     ctx: tdist.DistContext | None = None
@@ -175,6 +146,53 @@ class _Diverged(Exception):
         self.step = step
 
 
+class IterationRecord(NamedTuple):
+    """What the host knows of an iteration without a sync."""
+
+    it: int
+    lr: float
+    step_time: float
+    t_end: float
+
+
+class IterationFigures(NamedTuple):
+    """An iteration's device figures, once brought to the host."""
+
+    loss: float
+    wrong: float  # misclassified samples of the kn
+    grad_norm: float
+
+
+@dataclass
+class MetricBuffer:
+    """Iterations since the last flush: records on the host, figures still on the device."""
+
+    flush_every: int = 1
+    last_poll: float = -math.inf  # the first flush polls: a cancel is seen at once
+    records: list[IterationRecord] = field(default_factory=list)
+    figures: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, record: IterationRecord, *figures: torch.Tensor) -> None:
+        self.records.append(record)
+        self.figures += figures
+
+    def full(self) -> bool:
+        return len(self.records) >= self.flush_every
+
+    def take(self) -> tuple[list[IterationRecord], torch.Tensor]:
+        """The pending records and their figures as one (rows, 3) device tensor."""
+        records, figures = self.records, torch.stack(self.figures)
+        self.records, self.figures = [], []
+        return records, figures.view(len(records), len(IterationFigures._fields))
+
+
+@dataclass
+class EpochTotals:
+    loss: float = 0.0
+    err: float = 0.0
+    data_time: float = 0.0
+
+
 class _Run:
     """One call of ``fit``: setup, the epoch loop, metric flushes, checkpoints."""
 
@@ -189,62 +207,48 @@ class _Run:
         progress: bool,
     ) -> None:
         self.spec, self.sink, self.ctx, self.device = spec, sink, ctx, device
-        self.run_dir, self.should_stop, self.progress = run_dir, should_stop, progress
+        self.should_stop, self.progress = should_stop, progress
+        self.ckpt_path = run_dir / ckpt.CHECKPOINT_NAME if run_dir else None
+        self.buffer = MetricBuffer()
+        self.totals = EpochTotals()
+        self.ddp: nn.Module | None = None
 
     # --- setup ---------------------------------------------------------------------------
     def _setup(self, resume: bool) -> None:
         from trainer.data import load_datasets
-        from trainer.models import build_model
-        from trainer.norms import set_group_size
+        from trainer.models import build_model, uses_channels_last
+        from trainer.norms import RunningStatsAverage, norm_group_size, set_group_size
 
         spec, ctx, device = self.spec, self.ctx, self.device
         t0 = time.perf_counter()
         torch.manual_seed(spec.seed)
-        splits = load_datasets(spec)
-        self.train_set, self.val_set = splits.train, splits.val
-        self.train_size, self.val_size = len(splits.train), len(splits.val)  # type: ignore[arg-type]
-        self.kn = spec.total_batch
-        if self.kn > self.train_size:
-            raise RunConfigError(
-                f"batch_per_worker: total batch {self.kn} is larger than the training set "
-                f"({self.train_size} samples)"
-            )
-        self.ipe = self.train_size // self.kn  # the last partial minibatch is dropped
-        self.total_iters = spec.epochs * self.ipe
-        self.process_batch = self.kn // ctx.world_size
-        self.offset = ctx.rank * self.process_batch
-        self.in_memory = isinstance(splits.train, TensorDataset) and isinstance(
-            splits.val, TensorDataset
+        # Under torchrun a stop during generation would leave the other ranks waiting in a
+        # collective: they all generate, and agree on a cancel right after (run()).
+        splits = load_datasets(spec, None if ctx.distributed else self.should_stop)
+        sizes = len(splits.train), len(splits.val)  # type: ignore[arg-type]
+        self.layout = layout = Layout.build(spec, *sizes, ctx.rank, ctx.world_size)
+        self.channels_last = uses_channels_last(spec, device)
+        self.data = Batches(
+            splits, layout, ctx.world_size, device, channels_last=self.channels_last
         )
-        if self.in_memory:
-            self.train_x, self.train_y = (self._place(t) for t in splits.train.tensors[:2])
-            self.val_x, self.val_y = splits.val.tensors[:2]
-        else:
-            self.sampler = _EpochBatchSampler(self)
-            self.loader = DataLoader(
-                splits.train,
-                batch_sampler=self.sampler,
-                **_loader_options(ctx.world_size, device),
-            )
+        self.schedule = Schedule.from_spec(spec, layout.iters_per_epoch)
 
-        self.model = build_model(spec, num_classes=splits.num_classes).to(device)
-        chunk = micro_batch_size(self.process_batch, spec.batch_per_worker, spec.micro_batch)
-        self.chunks = [
-            (a, min(a + chunk, self.process_batch)) for a in range(0, self.process_batch, chunk)
-        ]
-        if spec.norm in ("bn_local", "bn_ghost", "bn_sync", "cbn"):
-            set_group_size(self.model, norm_group_size(spec, chunk))
+        fmt = torch.channels_last if self.channels_last else torch.preserve_format
+        self.model = build_model(spec, num_classes=splits.num_classes).to(device, memory_format=fmt)
+        set_group_size(self.model, norm_group_size(spec, layout.micro_batch))
+        bn_stats = RunningStatsAverage(self.model)
+        self.chunk_stats = bn_stats if len(layout.chunks) > 1 and bn_stats.stats else None
         self.optimizer = build_optimizer(self.model, spec)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
         self.start_epoch, self.wall_offset = 0, 0.0
         self.tracker = SummaryTracker(
-            total_iters=self.total_iters,
-            total_batch=self.kn,
+            total_iters=layout.total_iters,
+            total_batch=layout.total_batch,
             peak_lr=spec.peak_lr,
             target_accuracy=spec.target_accuracy,
+            samples_dropped_per_epoch=layout.samples_dropped_per_epoch,
         )
-        self.ckpt_path = self.run_dir / ckpt.CHECKPOINT_NAME if self.run_dir else None
         state = ckpt.load_checkpoint(self.ckpt_path) if resume and self.ckpt_path else None
         if state is not None:
             ckpt.check_compatible(state["spec"], spec, self.ckpt_path)
@@ -254,39 +258,50 @@ class _Run:
             self.wall_offset = float(state["wall_time"])
             self.tracker = SummaryTracker.from_state_dict(state["tracker"])
             self.tracker.target_accuracy = spec.target_accuracy
+            if self.tracker.total_iters != layout.total_iters:
+                # Extended (more epochs): the planned second half moved, and the parent's
+                # oscillation sum covers other iterations; count the new window's alone.
+                self.tracker.total_iters = layout.total_iters
+                self.tracker.osc_sum, self.tracker.osc_count = 0.0, 0
             if ctx.rank < len(state["rng"]):
                 ckpt.set_rng_state(state["rng"][ctx.rank])
         self.resumed = state is not None
         # DDP after loading: it broadcasts rank 0's parameters and buffers at construction.
         self.ddp = tdist.wrap_ddp(self.model, ctx, device) if ctx.distributed else None
         self.net: nn.Module = self.ddp if self.ddp is not None else self.model
+        if spec.compile:
+            # The training forward only (validation stays eager: train and eval modes
+            # would be two graphs). self.model keeps the plain module for state_dict.
+            self.net = torch.compile(self.net)  # type: ignore[assignment]
         self.setup_s = time.perf_counter() - t0
 
     def release(self) -> None:
-        """Drop the DDP wrapper and the data loader now, not whenever GC gets to them."""
-        for name in ("ddp", "net", "loader"):
-            self.__dict__.pop(name, None)
-
-    def _place(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu" or t.numel() * t.element_size() > DEVICE_DATA_LIMIT_BYTES:
-            return t
-        return t.to(self.device)
+        """Drop the DDP wrapper now, not whenever GC gets to it."""
+        self.ddp = self.net = None  # type: ignore[assignment]
 
     def _meta(self) -> dict[str, Any]:
+        layout = self.layout
         meta: dict[str, Any] = {
-            "iters_per_epoch": self.ipe,
-            "total_iters": self.total_iters,
-            "total_batch": self.kn,
+            "iters_per_epoch": layout.iters_per_epoch,
+            "total_iters": layout.total_iters,
+            "total_batch": layout.total_batch,
             "peak_lr": self.spec.peak_lr,
-            "warmup_iters": warmup_iters(self.spec, self.ipe),
+            "warmup_iters": self.schedule.warmup_iters,
             "device": str(self.device),
+            "precision": self.spec.precision,
+            "channels_last": self.channels_last,
+            "compile": self.spec.compile,
+            "tf32": self.device.type == "cuda"
+            and torch.get_float32_matmul_precision() != "highest",
             "nproc": self.ctx.world_size,
             "params": sum(p.numel() for p in self.params),
-            "train_size": self.train_size,
-            "val_size": self.val_size,
-            "in_memory": self.in_memory,
-            "micro_batch": self.chunks[0][1] - self.chunks[0][0],
-            "start_step": self.start_epoch * self.ipe,
+            "train_size": layout.train_size,
+            "val_size": layout.val_size,
+            "samples_dropped_per_epoch": layout.samples_dropped_per_epoch,
+            "in_memory": self.data.in_memory,
+            "data_on_device": self.data.on_device,
+            "micro_batch": layout.micro_batch,
+            "start_step": self.start_epoch * layout.iters_per_epoch,
             "resumed": self.resumed,
             "setup_s": self.setup_s,
             "torch": torch.__version__,
@@ -302,41 +317,44 @@ class _Run:
 
     # --- the run -------------------------------------------------------------------------
     def run(self, resume: bool) -> FitResult:
-        self._setup(resume)
+        from trainer.data import LoadCancelled
+
+        try:
+            self._setup(resume)
+        except LoadCancelled:
+            return FitResult(status="cancelled", iterations=0, epochs=0.0, diverged_step=None)
         self.sink.start(self._meta())
         self.pbar = None
         if self.progress:
             from tqdm import tqdm
 
             self.pbar = tqdm(
-                total=self.total_iters,
-                initial=self.start_epoch * self.ipe,
+                total=self.layout.total_iters,
+                initial=self.start_epoch * self.layout.iters_per_epoch,
                 unit="it",
                 dynamic_ncols=True,
             )
         self.t_start = time.perf_counter()
-        self.last_poll = -math.inf  # the first flush polls: a cancel is seen at once
-        self.flush_every = 1
-        self.pending_t: list[torch.Tensor] = []
-        self.pending_meta: list[tuple[int, float, float, float]] = []
         status, diverged_step, error = "succeeded", None, None
+        # A cancel while the data loaded: stop before the first iteration.
+        first_epoch = self.spec.epochs if self._stop_now() else self.start_epoch
         try:
-            for epoch in range(self.start_epoch, self.spec.epochs):
-                stop = self._train_epoch(epoch)
-                if stop and epoch + 1 < self.spec.epochs:
-                    status = "cancelled"
+            for epoch in range(first_epoch, self.spec.epochs):
+                if self._train_epoch(epoch):
                     break
         except _Diverged as exc:
             status, diverged_step, error = "diverged", exc.step, str(exc)
         finally:
             if self.pbar is not None:
                 self.pbar.close()
+        if status == "succeeded" and self.tracker.iterations < self.layout.total_iters:
+            status = "cancelled"  # stopped early, in whatever epoch: never "succeeded"
         if status != "succeeded" or self.start_epoch >= self.spec.epochs:
             self.tracker.wall_time = max(self.tracker.wall_time, self._wall())
         return FitResult(
             status=status,
             iterations=self.tracker.iterations,
-            epochs=self.tracker.iterations / self.ipe,
+            epochs=self.tracker.iterations / self.layout.iters_per_epoch,
             diverged_step=diverged_step,
             summary=self.tracker.summary(),
             error=error,
@@ -345,83 +363,71 @@ class _Run:
     def _wall(self) -> float:
         return self.wall_offset + time.perf_counter() - self.t_start
 
+    def _stop_now(self) -> bool:
+        """Ask ``should_stop`` once, outside the metric flushes (every process agrees)."""
+        stop = float(self.should_stop is not None and bool(self.should_stop()))
+        if self.ctx.distributed:
+            flag = torch.tensor([stop], device=self.device)
+            tdist.all_reduce_sum_(flag, self.ctx)
+            stop = flag.item()
+        return stop > 0
+
     def _train_epoch(self, epoch: int) -> bool:
         """Train one epoch; True when a stop was requested (cancel after this epoch)."""
-        spec, ipe = self.spec, self.ipe
-        t_epoch = time.perf_counter()
-        batches = self._batches(epoch)
-        data_time = 0.0
-        self.epoch_loss, self.epoch_err = 0.0, 0.0
-        t_prev = t_epoch
-        stop = False
+        ipe, opt = self.layout.iters_per_epoch, self.optimizer
+        self.totals = EpochTotals()
+        t_epoch = t_prev = time.perf_counter()
+        batches, stop = self.data.epoch(epoch), False
         for i in range(ipe):
             it = epoch * ipe + i
-            lr = lr_at(spec, it, ipe)
-            set_lr(self.optimizer, lr)
+            lr = self.schedule.lr(it)
+            set_lr(opt, lr)
             t0 = time.perf_counter()
-            x, y = next(batches)
-            t1 = time.perf_counter()
-            loss, wrong = self._forward_backward(x, y)
-            norms = torch._foreach_norm([p.grad for p in self.params if p.grad is not None])
-            grad_norm = torch.linalg.vector_norm(torch.stack(norms))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            batch = next(batches)
+            self.totals.data_time += time.perf_counter() - t0
+            loss, wrong = self._forward_backward(batch)
+            grad_norm = _grad_norm(self.params)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             t_end = time.perf_counter()
-            data_time += t1 - t0
-            self.pending_t += (loss, wrong, grad_norm)
-            self.pending_meta.append((it, lr, t_end - t_prev, t_end))
+            self.buffer.add(IterationRecord(it, lr, t_end - t_prev, t_end), loss, wrong, grad_norm)
             t_prev = t_end
             last = i == ipe - 1
-            if last or len(self.pending_meta) >= self.flush_every:
+            if last or self.buffer.full():
                 stop = self._flush(force_poll=last)
                 if stop and not last:
                     batches.close()
                     return True
         batches.close()
-        epoch_time = time.perf_counter() - t_epoch
-        self._end_epoch(epoch, epoch_time, data_time)
+        self._end_epoch(epoch, time.perf_counter() - t_epoch)
         return stop
 
-    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This process's (x, y) for each iteration of ``epoch``, on the device."""
-        dev = self.device
-        if self.in_memory:
-            perm = epoch_permutation(self.spec.seed, epoch, self.train_size)
-            perm = perm.to(self.train_x.device)
-            for i in range(self.ipe):
-                lo = i * self.kn + self.offset
-                idx = perm[lo : lo + self.process_batch]
-                x, y = self.train_x[idx], self.train_y[idx]
-                if x.device != dev:
-                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                yield x, y
-        else:
-            self.sampler.epoch = epoch
-            for x, y in self.loader:
-                yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-
-    def _forward_backward(
-        self, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_backward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate the gradient of sum(CE)/kn over the micro-batches (Remark 3)."""
-        loss_sum: torch.Tensor | None = None
-        wrong_sum: torch.Tensor | None = None
-        last = len(self.chunks) - 1
-        for j, (a, b) in enumerate(self.chunks):
-            xb, yb = (x, y) if last == 0 else (x[a:b], y[a:b])
+        chunks, kn = self.layout.chunks, self.layout.total_batch
+        stats = self.chunk_stats
+        if stats is not None:
+            stats.begin()
+        losses, wrongs = [], []
+        for j, (a, b) in enumerate(chunks):
+            x, y = (batch.x, batch.y) if len(chunks) == 1 else (batch.x[a:b], batch.y[a:b])
             # DDP all-reduces once per iteration, on the last micro-batch's backward.
-            sync = self.ddp.no_sync() if self.ddp is not None and j < last else nullcontext()
+            last = j == len(chunks) - 1
+            sync = self.ddp.no_sync() if self.ddp is not None and not last else nullcontext()
             with sync:
                 with self._autocast():
-                    out = self.net(xb)
-                loss = F.cross_entropy(out.float(), yb, reduction="sum") / self.kn
+                    out = self.net(x)
+                loss = F.cross_entropy(out.float(), y, reduction="sum") / kn
                 loss.backward()
-            loss = loss.detach()
-            wrong = (out.detach().argmax(1) != yb).sum().float()
-            loss_sum = loss if loss_sum is None else loss_sum + loss
-            wrong_sum = wrong if wrong_sum is None else wrong_sum + wrong
-        assert loss_sum is not None and wrong_sum is not None
-        return loss_sum, wrong_sum
+            if stats is not None:
+                stats.chunk_done((b - a) / self.layout.process_batch)
+            losses.append(loss.detach())
+            wrongs.append((out.detach().argmax(1) != y).sum().float())
+        if len(chunks) == 1:
+            return losses[0], wrongs[0]
+        if stats is not None:
+            stats.end()
+        return torch.stack(losses).sum(), torch.stack(wrongs).sum()
 
     # --- metrics -------------------------------------------------------------------------
     def _flush(self, force_poll: bool) -> bool:
@@ -431,15 +437,14 @@ class _Run:
         summed over processes in one all-reduce that also carries rank 0's stop flag and
         next flush interval, so every process takes the same decisions.
         """
-        rows = len(self.pending_meta)
-        values = torch.stack(self.pending_t).view(rows, 3)
-        self.pending_t = []
+        buf = self.buffer
+        records, values = buf.take()
         now = time.perf_counter()
         stop = 0.0
-        if self.should_stop is not None and (force_poll or now - self.last_poll >= POLL_INTERVAL_S):
-            self.last_poll = now
+        if self.should_stop is not None and (force_poll or now - buf.last_poll >= POLL_INTERVAL_S):
+            buf.last_poll = now
             stop = float(bool(self.should_stop()))
-        mean_step = sum(m[2] for m in self.pending_meta) / rows
+        mean_step = sum(r.step_time for r in records) / len(records)
         every = float(min(MAX_FLUSH_EVERY, max(1, int(FLUSH_INTERVAL_S / max(mean_step, 1e-9)))))
         if self.ctx.distributed:
             control = torch.tensor(
@@ -447,22 +452,21 @@ class _Run:
             )
             packed = torch.cat([values[:, :2].reshape(-1), control])
             tdist.all_reduce_sum_(packed, self.ctx)
-            host = packed.tolist()
-            stop, every = host[-2], host[-1]
-            norms = values[:, 2].tolist()
-            figures = [(host[2 * r], host[2 * r + 1], norms[r]) for r in range(rows)]
-        else:
-            figures = [tuple(row) for row in values.tolist()]
-        self.flush_every = int(every)
-        meta, self.pending_meta = self.pending_meta, []
-        self._log_iterations(meta, figures)
+            values = torch.cat([packed[:-2].view(-1, 2), values[:, 2:]], dim=1)
+            stop, every = packed[-2:].tolist()
+        figures = [IterationFigures(*row) for row in values.tolist()]
+        buf.flush_every = int(every)
+        self._log_iterations(records, figures)
         return stop > 0
 
     def _log_iterations(
-        self, meta: list[tuple[int, float, float, float]], figures: list[tuple[float, ...]]
+        self, records: list[IterationRecord], figures: list[IterationFigures]
     ) -> None:
-        kn, ipe, factor = self.kn, self.ipe, self.spec.divergence_factor
-        for (it, lr, step_time, t_end), (loss, wrong, grad_norm) in zip(meta, figures, strict=True):
+        kn, ipe = self.layout.total_batch, self.layout.iters_per_epoch
+        factor = self.spec.divergence_factor
+        for (it, lr, step_time, t_end), (loss, wrong, grad_norm) in zip(
+            records, figures, strict=True
+        ):
             err = wrong / kn
             self.sink.log(
                 it,
@@ -478,8 +482,8 @@ class _Run:
                 wall_time=self.wall_offset + t_end - self.t_start,
             )
             self.tracker.add_iteration(it, loss, step_time)
-            self.epoch_loss += loss
-            self.epoch_err += err
+            self.totals.loss += loss
+            self.totals.err += err
             first = self.tracker.first_loss
             if not math.isfinite(loss) or (first is not None and loss > factor * first):
                 self.tracker.wall_time = self._wall()
@@ -489,22 +493,23 @@ class _Run:
                     f"divergence_factor {factor:g})",
                 )
         if self.pbar is not None:
-            self.pbar.update(len(meta))
+            self.pbar.update(len(records))
             self.pbar.set_postfix(
-                loss=f"{figures[-1][0]:.4f}", lr=f"{meta[-1][1]:.4g}", refresh=False
+                loss=f"{figures[-1].loss:.4f}", lr=f"{records[-1].lr:.4g}", refresh=False
             )
 
-    def _end_epoch(self, epoch: int, epoch_time: float, data_time: float) -> None:
-        spec, ipe = self.spec, self.ipe
+    def _end_epoch(self, epoch: int, epoch_time: float) -> None:
+        spec, ipe, totals = self.spec, self.layout.iters_per_epoch, self.totals
         last_it = (epoch + 1) * ipe - 1
-        train_loss, train_err = self.epoch_loss / ipe, self.epoch_err / ipe
+        train_err = totals.err / ipe
         values = {
             "epoch_time": epoch_time,
-            "data_time": data_time,
-            "compute_time": epoch_time - data_time,
-            "train_loss_epoch": train_loss,
+            "data_time": totals.data_time,
+            "compute_time": epoch_time - totals.data_time,
+            "train_loss_epoch": totals.loss / ipe,
             "train_err_epoch": train_err,
         }
+        tdist.average_buffers_(self.model, self.ctx)
         evaluated = None
         if (epoch + 1) % spec.eval_every == 0 or epoch + 1 == spec.epochs:
             evaluated = self._evaluate()
@@ -514,15 +519,8 @@ class _Run:
         self.sink.log(last_it, values, epoch=float(epoch + 1), wall_time=wall)
         self.tracker.add_epoch(train_err)
         if evaluated is not None:
-            self.tracker.add_eval(
-                EvalPoint(
-                    iterations=last_it + 1,
-                    epoch=epoch + 1,
-                    wall_time=wall,
-                    val_err=evaluated[1],
-                    val_loss=evaluated[0],
-                )
-            )
+            val_loss, val_err = evaluated
+            self.tracker.add_eval(EvalPoint(last_it + 1, epoch + 1, wall, val_err, val_loss))
         self.tracker.wall_time = wall
         if self.ckpt_path is not None and spec.checkpoint:
             self._save_checkpoint(epoch + 1, wall)
@@ -530,35 +528,22 @@ class _Run:
     @torch.no_grad()
     def _evaluate(self) -> tuple[float, float] | None:
         """(val_loss, val_err) of the whole validation set, split over the processes."""
-        size = self.val_size
+        size = self.layout.val_size
         if size == 0:
             return None
         model, ctx = self.model, self.ctx
         model.eval()
         lo, hi = size * ctx.rank // ctx.world_size, size * (ctx.rank + 1) // ctx.world_size
-        bs = max(self.chunks[0][1] - self.chunks[0][0], 256)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for xb, yb in self._val_batches(lo, hi, bs):
-            xb = xb.to(self.device, non_blocking=True)
-            yb = yb.to(self.device, non_blocking=True)
+        for x, y in self.data.val(lo, hi, max(self.layout.micro_batch, 256)):
             with self._autocast():
-                out = model(xb)
-            totals[0] += F.cross_entropy(out.float(), yb, reduction="sum").double()
-            totals[1] += (out.argmax(1) != yb).sum()
+                out = model(x)
+            totals[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
+            totals[1] += (out.argmax(1) != y).sum()
         tdist.all_reduce_sum_(totals, ctx)
         model.train()
         loss_sum, wrong = totals.tolist()
         return loss_sum / size, wrong / size
-
-    def _val_batches(
-        self, lo: int, hi: int, bs: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.in_memory:
-            for a in range(lo, hi, bs):
-                yield self.val_x[a : min(a + bs, hi)], self.val_y[a : min(a + bs, hi)]
-        else:
-            opts = _loader_options(self.ctx.world_size, self.device)
-            yield from DataLoader(Subset(self.val_set, range(lo, hi)), batch_size=bs, **opts)
 
     def _save_checkpoint(self, epochs_done: int, wall: float) -> None:
         rng = ckpt.rng_state()
@@ -578,7 +563,7 @@ class _Run:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "epoch": epochs_done,
-                "iteration": epochs_done * self.ipe,
+                "iteration": epochs_done * self.layout.iters_per_epoch,
                 "wall_time": wall,
                 "rng": rngs,
                 "tracker": self.tracker.state_dict(),
@@ -586,32 +571,7 @@ class _Run:
         )
 
 
-class _EpochBatchSampler:
-    """Batch sampler of lazy datasets: this process's indices of each iteration.
-
-    Iterated in the main process (setting ``epoch`` before an epoch is enough); yields
-    exactly the indices the in-memory path uses.
-    """
-
-    def __init__(self, run: _Run) -> None:
-        self.seed, self.size, self.ipe = run.spec.seed, run.train_size, run.ipe
-        self.kn, self.offset, self.batch = run.kn, run.offset, run.process_batch
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.ipe
-
-    def __iter__(self) -> Iterator[list[int]]:
-        perm = epoch_permutation(self.seed, self.epoch, self.size)
-        for i in range(self.ipe):
-            lo = i * self.kn + self.offset
-            yield perm[lo : lo + self.batch].tolist()
-
-
-def _loader_options(world_size: int, device: torch.device) -> dict[str, Any]:
-    """DataLoader settings for lazy datasets: the host's cores shared by the processes.
-
-    Workers are started per epoch (not persistent), so none outlive a run.
-    """
-    workers = max(1, min(8, (os.cpu_count() or 2) // world_size - 1))
-    return {"num_workers": workers, "pin_memory": device.type == "cuda"}
+def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the gradients, on the device (no sync)."""
+    norms = torch._foreach_norm([p.grad for p in params if p.grad is not None])
+    return torch.linalg.vector_norm(torch.stack(norms))

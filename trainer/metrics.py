@@ -19,6 +19,8 @@ Definitions (docs/runspec.md repeats them for users):
 - ``samples_per_s``: samples trained / time spent in training iterations (data + compute,
   excluding validation and checkpoints).
 - ``wall_time_s``: the run's wall clock at its end (setup excluded, resumes continue it).
+- ``samples_dropped_per_epoch``: training samples past the last full minibatch of kn,
+  never trained on in that epoch (a different tail each epoch, as the shuffle changes).
 
 Figures that do not exist (no evaluation yet, target never reached, non-finite values of a
 diverged run) are None, so summaries stay valid JSON.
@@ -26,11 +28,12 @@ diverged run) are None, so summaries stay valid JSON.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from core.jsonsafe import finite_or_none
 
 SUMMARY_KEYS: tuple[str, ...] = (
     "final_val_err",
@@ -46,6 +49,7 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "wall_time_s",
     "peak_lr",
     "total_batch",
+    "samples_dropped_per_epoch",
 )
 
 
@@ -77,19 +81,6 @@ def first_reaching(evals: Sequence[EvalPoint], target_accuracy: float | None) ->
     return None
 
 
-def loss_oscillation(losses: Sequence[float]) -> float | None:
-    """Mean absolute change of the loss between consecutive iterations (None if < 2)."""
-    if len(losses) < 2:
-        return None
-    return sum(abs(b - a) for a, b in zip(losses, losses[1:], strict=False)) / (len(losses) - 1)
-
-
-def _finite_or_none(value: float | int | None) -> float | int | None:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 @dataclass
 class SummaryTracker:
     """Accumulates what the summary needs, in O(1) memory per iteration."""
@@ -98,6 +89,7 @@ class SummaryTracker:
     total_batch: int
     peak_lr: float
     target_accuracy: float | None = None
+    samples_dropped_per_epoch: int = 0
     first_loss: float | None = None
     iterations: int = 0
     train_time: float = 0.0
@@ -148,8 +140,9 @@ class SummaryTracker:
             "wall_time_s": self.wall_time,
             "peak_lr": self.peak_lr,
             "total_batch": self.total_batch,
+            "samples_dropped_per_epoch": self.samples_dropped_per_epoch,
         }
-        return {k: _finite_or_none(v) for k, v in out.items()}
+        return {k: finite_or_none(v) for k, v in out.items()}
 
     # --- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

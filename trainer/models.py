@@ -18,7 +18,11 @@ from torch import nn
 from trainer.norms import attach_cbn, make_norm, make_norm_act
 from trainer.spec import RunSpec, input_shape
 
-__all__ = ["MLP", "MNIST1DCNN", "ResNet20", "SimpleCNN", "build_model"]
+__all__ = ["MLP", "MNIST1DCNN", "ResNet20", "SimpleCNN", "build_model", "uses_channels_last"]
+
+# Models made of 2-D convolutions: on CUDA their weights and inputs go channels_last (NHWC),
+# the layout cuDNN's tensor-core kernels read without transposing.
+CONV2D_MODELS = frozenset({"simple_cnn", "resnet20", "resnet50"})
 
 
 def _bias(spec: RunSpec) -> bool:
@@ -195,11 +199,20 @@ def _resnet50(spec: RunSpec, num_classes: int) -> nn.Module:
     # torchvision's own zero_init_residual assumes bn3 has a weight (norm='none' has
     # not), so the zero init is done here.
     model = resnet50(weights=None, num_classes=num_classes, norm_layer=norm_layer)
+    # torchvision keeps nn.Linear's default init for fc; the paper draws it from N(0, 0.01).
+    nn.init.normal_(model.fc.weight, std=0.01)
+    nn.init.zeros_(model.fc.bias)
     if spec.zero_init_residual:
         for m in model.modules():
             if isinstance(m, Bottleneck):
                 _zero_gamma(m.bn3)
     return model
+
+
+def uses_channels_last(spec: RunSpec, device: torch.device) -> bool:
+    """Whether a run keeps its model and inputs channels_last: 2-D conv models on CUDA
+    (on the CPU the layout gains little and some norms' reshapes undo it)."""
+    return device.type == "cuda" and spec.model in CONV2D_MODELS
 
 
 def build_model(spec: RunSpec, num_classes: int = 10) -> nn.Module:

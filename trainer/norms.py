@@ -15,6 +15,7 @@ compensated by a first-order Taylor step in the preceding layer's weight), ``nn.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,13 +30,12 @@ __all__ = [
     "NORM_LAYER_TYPES",
     "CrossIterationBatchNorm",
     "FilterResponseNorm",
-    "GhostBatchNorm",
     "GroupedBatchNorm",
-    "SyncBatchNormCPU",
+    "RunningStatsAverage",
     "attach_cbn",
-    "default_group_size",
     "make_norm",
     "make_norm_act",
+    "norm_group_size",
     "set_group_size",
 ]
 
@@ -111,16 +111,8 @@ class GroupedBatchNorm(_BatchNorm):
             if self.sync and _dist_world() > 1:
                 return self._sync_forward(x, momentum)
             # Whole batch: PyTorch's own kernel, bit-compatible with nn.BatchNorm.
-            return F.batch_norm(
-                x,
-                self.running_mean,
-                self.running_var,
-                self.weight,
-                self.bias,
-                True,
-                momentum,
-                self.eps,
-            )
+            stats = (self.running_mean, self.running_var)
+            return F.batch_norm(x, *stats, self.weight, self.bias, True, momentum, self.eps)
         return self._grouped_forward(x, g, momentum)
 
     def _momentum(self) -> float:
@@ -141,9 +133,11 @@ class GroupedBatchNorm(_BatchNorm):
         # (G*g, C, *S) -> (g, G*C, *S): each (group, channel) pair becomes one channel of a
         # plain batch norm, so the fused native kernel (forward and backward) does the work.
         xg = x.reshape(groups, g, c, *spatial).transpose(0, 1).reshape(g, groups * c, *spatial)
-        # Scratch running buffers with momentum 1 receive each group's (mean, unbiased var).
-        mean = torch.zeros(groups * c, device=x.device, dtype=torch.float32)
-        var = torch.ones(groups * c, device=x.device, dtype=torch.float32)
+        # Scratch running buffers with momentum 1 receive each group's (mean, unbiased var),
+        # in float32 for reduced-precision inputs and in float64 for float64 ones.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        mean = torch.zeros(groups * c, device=x.device, dtype=dtype)
+        var = torch.ones(groups * c, device=x.device, dtype=dtype)
         yg = F.batch_norm(xg, mean, var, None, None, True, 1.0, self.eps)
         with torch.no_grad():
             self.running_mean.lerp_(mean.view(groups, c).mean(0).to(self.running_mean), momentum)
@@ -219,19 +213,6 @@ class _AllReduceSum(torch.autograd.Function):
         return out
 
 
-# The names docs/design.md uses for the same layer.
-GhostBatchNorm = GroupedBatchNorm
-
-
-class SyncBatchNormCPU(GroupedBatchNorm):
-    """:class:`GroupedBatchNorm` over the whole batch of all ranks (works on gloo/CPU)."""
-
-    def __init__(
-        self, num_features: int, dims: int = 2, momentum: float | None = 0.1, eps: float = 1e-5
-    ) -> None:
-        super().__init__(num_features, dims, momentum, eps, group_size=None, sync=True)
-
-
 class FilterResponseNorm(nn.Module):
     """Filter Response Normalization with an optional TLU (Singh & Krishnan 2019).
 
@@ -281,16 +262,22 @@ class FilterResponseNorm(nn.Module):
 
 
 # --- factories ------------------------------------------------------------------------------
-def default_group_size(spec: RunSpec) -> int | None:
-    """The BN group size a spec implies: n for bn_local, ghost_batch for bn_ghost, else None.
+def norm_group_size(spec: RunSpec, chunk: int | None = None) -> int | None:
+    """BN statistics group size for forwards of ``chunk`` samples (default: n), None for
+    the whole forward batch.
 
     bn_local is the paper's per-worker BN: the k virtual workers' samples arrive as k
-    consecutive chunks of n in one forward pass. cbn keeps per-worker statistics too.
+    consecutive chunks of n in one forward pass, so groups are n (or a smaller chunk).
+    cbn keeps per-worker statistics too; bn_ghost uses ghost_batch (its gcd with a chunk
+    it does not divide).
     """
+    n = spec.batch_per_worker
+    chunk = chunk or n
     if spec.norm in ("bn_local", "cbn"):
-        return spec.batch_per_worker
+        return min(n, chunk)
     if spec.norm == "bn_ghost":
-        return spec.ghost_batch
+        g = spec.ghost_batch or n
+        return g if chunk % g == 0 else math.gcd(g, chunk)
     return None
 
 
@@ -314,7 +301,7 @@ def make_norm(spec: RunSpec, num_features: int, dims: int) -> nn.Module:
             num_features,
             dims,
             spec.bn_momentum,
-            group_size=default_group_size(spec),
+            group_size=norm_group_size(spec),
             sync=norm == "bn_sync",
         )
     if norm == "cbn":
@@ -323,7 +310,7 @@ def make_norm(spec: RunSpec, num_features: int, dims: int) -> nn.Module:
             dims,
             spec.bn_momentum,
             window=spec.cbn_window,
-            group_size=default_group_size(spec),
+            group_size=norm_group_size(spec),
         )
     if norm == "frn":
         return FilterResponseNorm(num_features, dims, tlu=False, learnable_eps=dims == 0)
@@ -434,9 +421,6 @@ class CrossIterationBatchNorm(_BatchNorm):
         object.__setattr__(self, "_prev", layer)
         self._history = []
 
-    def reset_history(self) -> None:
-        self._history = []
-
     # The history is part of the training state: checkpoints carry it, so a resumed
     # run normalizes exactly as the uninterrupted one would.
     def get_extra_state(self) -> dict[str, Any]:
@@ -543,6 +527,39 @@ class CrossIterationBatchNorm(_BatchNorm):
         mean = (mu + (valid * old_mu).sum(0)) / count
         mx2 = (meanx2 + (valid * old_mx2).sum(0)) / count
         return mean, (mx2 - mean * mean).clamp_min(0.0)
+
+
+class RunningStatsAverage:
+    """Running BN statistics of an iteration forwarded in chunks, set as one pass sets them.
+
+    Every chunk's forward starts from the statistics before the iteration; ``end`` keeps
+    the chunks' results averaged by chunk size. The running update is linear in the batch
+    statistics, so that is the momentum step toward the mean of the chunks' statistics:
+    what one pass of grouped BN computes from the mean of its groups' statistics.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        self.stats = [b for m in norms for b in (m.running_mean, m.running_var)]
+        self.counts = [m.num_batches_tracked for m in norms]
+        self.before: list[torch.Tensor] = []
+        self.total: list[torch.Tensor] = []
+
+    def begin(self) -> None:
+        self.before = [t.clone() for t in self.stats + self.counts]
+        self.total = []
+
+    def chunk_done(self, weight: float) -> None:
+        """After a chunk's forward: add its statistics, weighted, then restore the start."""
+        if self.total:
+            torch._foreach_add_(self.total, self.stats, alpha=weight)
+        else:
+            self.total = torch._foreach_mul(self.stats, weight)
+        torch._foreach_copy_(self.stats + self.counts, self.before)
+
+    def end(self) -> None:
+        torch._foreach_copy_(self.stats, self.total)
+        torch._foreach_add_(self.counts, 1)
 
 
 NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (

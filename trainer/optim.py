@@ -11,7 +11,7 @@ which are the same only while the LR is constant. With the *momentum correction*
 ``v <- m (lr_t / lr_{t-1}) v + lr_t g`` the Caffe form equals the PyTorch form for every
 schedule (v = lr u by induction); without it, each LR change leaves the buffer scaled for
 the old LR. The LR itself is set every iteration by the loop (:func:`set_lr`) from the
-pure schedule ``trainer.schedule.lr_at``; no torch LR scheduler is involved.
+run's ``trainer.schedule.Schedule``; no torch LR scheduler is involved.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from trainer import RunConfigError
 from trainer.norms import NORM_LAYER_TYPES
-from trainer.schedule import lr_at
+from trainer.schedule import Schedule
 from trainer.spec import RunSpec
 
 __all__ = ["CaffeSGD", "build_optimizer", "decay_groups", "set_lr"]
@@ -145,10 +144,8 @@ class CaffeSGD(torch.optim.Optimizer):
 
 def build_optimizer(model: nn.Module, spec: RunSpec) -> torch.optim.Optimizer:
     """The optimizer ``spec`` asks for, over ``model``'s parameters, at the LR of step 0."""
-    if spec.nesterov and spec.momentum == 0 and spec.optimizer != "lamb":
-        raise RunConfigError("nesterov: Nesterov momentum needs momentum > 0")
     groups = decay_groups(model, spec.weight_decay, decay_norm_and_bias=spec.weight_decay_norm)
-    lr0 = lr_at(spec, 0)
+    lr0 = Schedule.from_spec(spec).lr(0)
     if spec.optimizer == "sgd":
         if spec.momentum_form == "pytorch":
             # PyTorch's SGD is Remark 2's reference form with weight decay as g + wd*w.

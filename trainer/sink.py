@@ -122,24 +122,3 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 if "meta" not in row:
                     rows.append(row)
     return rows
-
-
-class MultiSink:
-    """Fans points out to several sinks."""
-
-    def __init__(self, *sinks: MetricSink) -> None:
-        self.sinks = sinks
-
-    def start(self, meta: Mapping[str, Any]) -> None:
-        for s in self.sinks:
-            s.start(meta)
-
-    def log(
-        self, step: int, values: Mapping[str, float], *, epoch: float, wall_time: float
-    ) -> None:
-        for s in self.sinks:
-            s.log(step, values, epoch=epoch, wall_time=wall_time)
-
-    def close(self) -> None:
-        for s in self.sinks:
-            s.close()

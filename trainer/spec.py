@@ -11,10 +11,23 @@ points at the field a user would change.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 Model = Literal["mlp", "mnist1d_cnn", "simple_cnn", "resnet20", "resnet50"]
 Dataset = Literal["mnist1d", "synthetic", "mnist", "cifar10", "imagefolder"]
@@ -54,12 +67,56 @@ DATASET_INPUT: dict[str, tuple[int, ...] | None] = {
     "imagefolder": (3, 224, 224),  # resized/cropped on load
 }
 
+# Resource limits (docs/runspec.md): a spec within them trains in bounded memory, is a few
+# kB stored and listed, and its seeds fit int64 and numpy's seed range.
+MAX_DATASET_SIZE = 2_000_000  # ImageNet-1k's 1.28M training images fit
+MAX_MNIST1D_SIZE = 1_000_000  # generated sample by sample: about a minute per 10^6
+MAX_SYNTHETIC_VALUES = 2**30  # samples x values per sample: 4 GiB of float32
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536  # per worker, per forward pass, per BN group
+MAX_REF_BATCH = 2**20
+MAX_MILESTONES = 100
+MAX_SEED = 2**32 - 1  # numpy's seed range; seed * 1_000_003 + epoch fits torch's int64
+MAX_TEXT = 4096
+
+DEFAULT_EPOCHS = 20
+# Goyal et al.: the LR drops /10 at epochs 30, 60 and 80 of 90.
+PAPER_EPOCHS = 90
+PAPER_MILESTONES = (30, 60, 80)
+
+
+_EPOCH_RANGE = range(1, MAX_EPOCHS + 1)
+
+
+def paper_milestones(epochs: int) -> list[float]:
+    """The paper's step-decay epochs scaled to a run of ``epochs`` (2 decimals)."""
+    return [round(epochs * m / PAPER_EPOCHS, 2) for m in PAPER_MILESTONES]
+
+
+def _plain_text(v: str) -> str:
+    """Refuse NUL (PostgreSQL cannot store it) and lone surrogates (not UTF-8)."""
+    if "\x00" in v:
+        raise ValueError("must not contain NUL characters")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return v
+
+
+PlainText = Annotated[str, AfterValidator(_plain_text)]
+
 
 class RunSpec(BaseModel):
     """One training run, in the terms of Goyal et al. 2017 (k workers x n samples)."""
 
     model_config = ConfigDict(
-        extra="forbid", frozen=True, protected_namespaces=(), validate_default=True
+        extra="forbid",
+        frozen=True,
+        protected_namespaces=(),
+        validate_default=True,
+        # NaN and Infinity (Python's JSON reads them) would be stored and break schedules.
+        allow_inf_nan=False,
     )
 
     # --- what to train on -------------------------------------------------------------
@@ -68,18 +125,23 @@ class RunSpec(BaseModel):
     dataset_size: int | None = Field(
         None,
         gt=0,
+        le=MAX_DATASET_SIZE,
         description="Samples to use (MNIST-1D/synthetic: generated; others: a subset). "
         "None: the dataset's default.",
     )
-    data_root: str | None = Field(
-        None, description="Local folder of a torchvision dataset (mnist, cifar10, imagefolder)."
+    data_root: PlainText | None = Field(
+        None,
+        max_length=MAX_TEXT,
+        description="Local folder of a torchvision dataset (mnist, cifar10, imagefolder).",
     )
-    epochs: int = Field(20, ge=1, le=10000, description="Training epochs (paper: 90).")
+    epochs: int = Field(
+        DEFAULT_EPOCHS, ge=1, le=MAX_EPOCHS, description="Training epochs (paper: 90)."
+    )
 
     # --- minibatch: k workers, n per worker ----------------------------------------------
     workers: int = Field(1, ge=1, le=4096, description="k: workers (virtual or real).")
     batch_per_worker: int = Field(
-        32, ge=1, le=65536, description="n: samples per worker per iteration (paper: 32)."
+        32, ge=1, le=MAX_BATCH, description="n: samples per worker per iteration (paper: 32)."
     )
     nproc: int = Field(
         1,
@@ -90,22 +152,30 @@ class RunSpec(BaseModel):
     micro_batch: int | None = Field(
         None,
         ge=1,
+        le=MAX_BATCH,
         description="Largest number of samples per forward pass; bigger iterations are "
         "accumulated. None: the whole iteration at once.",
     )
 
     # --- learning rate ------------------------------------------------------------------
     base_lr: float = Field(0.1, gt=0, le=1000, description="eta for the reference batch.")
-    ref_batch: int = Field(256, ge=1, description="Reference total batch of base_lr (256).")
+    ref_batch: int = Field(
+        256, ge=1, le=MAX_REF_BATCH, description="Reference total batch of base_lr (256)."
+    )
     scaling: Literal["linear", "sqrt", "none"] = Field(
         "linear", description="How the LR grows with k*n / ref_batch."
     )
     warmup: Literal["none", "constant", "gradual"] = Field("gradual")
-    warmup_epochs: float = Field(5.0, ge=0, description="Warmup length in epochs (paper: 5).")
+    warmup_epochs: float = Field(
+        5.0, ge=0, le=MAX_EPOCHS, description="Warmup length in epochs (paper: 5)."
+    )
     decay: Literal["step", "cosine", "constant"] = Field("step")
-    milestones: list[float] = Field(
-        default_factory=lambda: [30.0, 60.0, 80.0],
-        description="Epochs at which step decay multiplies the LR by decay_factor.",
+    milestones: list[Annotated[float, Field(le=MAX_EPOCHS)]] = Field(
+        # Unset: the paper's 30, 60, 80 of 90 epochs scaled to `epochs` (_scale_milestones).
+        default_factory=lambda: paper_milestones(DEFAULT_EPOCHS),
+        max_length=MAX_MILESTONES,
+        description="Epochs at which step decay multiplies the LR by decay_factor; each "
+        "< epochs. Default: the paper's 30, 60, 80 of 90 epochs, scaled to epochs.",
     )
     decay_factor: float = Field(0.1, gt=0, le=1)
 
@@ -126,7 +196,9 @@ class RunSpec(BaseModel):
 
     # --- normalization ------------------------------------------------------------------
     norm: Norm = Field("bn_local", description="Normalization layers.")
-    ghost_batch: int | None = Field(None, ge=1, description="Group size g of bn_ghost.")
+    ghost_batch: int | None = Field(
+        None, ge=1, le=MAX_BATCH, description="Group size g of bn_ghost."
+    )
     bn_momentum: float = Field(
         0.1,
         gt=0,
@@ -134,23 +206,58 @@ class RunSpec(BaseModel):
         description="Running-stat update weight (PyTorch convention; the paper's 0.9 decay).",
     )
     cbn_window: int = Field(4, ge=1, le=16, description="Iterations averaged by cbn.")
-    gn_groups: int = Field(8, ge=1, description="Groups of gn.")
+    gn_groups: int = Field(8, ge=1, le=1024, description="Groups of gn.")
     zero_init_residual: bool = Field(
         True, description="Start the last BN gamma of each residual block at 0."
     )
 
     # --- loop ---------------------------------------------------------------------------
-    eval_every: int = Field(1, ge=1, description="Validate every this many epochs.")
-    seed: int = Field(0, ge=0)
+    eval_every: int = Field(1, ge=1, le=MAX_EPOCHS, description="Validate every this many epochs.")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="fp32 (TF32 matmuls on CUDA) or bf16 autocast of the forward pass."
+    )
+    compile: bool = Field(False, description="Compile the model with torch.compile.")
     target_accuracy: float | None = Field(
         None, gt=0, le=1, description="Validation accuracy whose first reach is timed."
     )
     divergence_factor: float = Field(
-        20.0, gt=1, description="Stop as diverged when loss exceeds this times its start."
+        20.0, gt=1, le=1e6, description="Stop as diverged when loss exceeds this times its start."
     )
     checkpoint: bool = Field(True, description="Save a checkpoint at the end of each epoch.")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _suggest_field_names(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """An unknown field's error names the closest RunSpec field ("did you mean ...?")."""
+        try:
+            return handler(data)
+        except ValidationError as err:
+            errors = err.errors(include_url=False)
+            if not any(e["type"] == "extra_forbidden" for e in errors):
+                raise
+            details = [
+                {
+                    "type": PydanticCustomError(e["type"], _suggest(e)),
+                    "loc": e["loc"],
+                    "input": e.get("input"),
+                }
+                for e in errors
+            ]
+            raise ValidationError.from_exception_data(err.title, details) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scale_milestones(cls, data: Any) -> Any:
+        """Milestones left out follow `epochs`, so a shorter run still decays."""
+        if not isinstance(data, dict) or "milestones" in data:
+            return data
+        epochs = data.get("epochs", DEFAULT_EPOCHS)
+        with contextlib.suppress(TypeError, ValueError):  # a bad `epochs` reports itself
+            if not isinstance(epochs, bool) and float(epochs) == int(epochs) in _EPOCH_RANGE:
+                return {**data, "milestones": paper_milestones(int(epochs))}
+        return data
 
     # ---------------------------------------------------------------------------------
     # Cross-field rules. Each lives on the later field so the error names what to fix.
@@ -173,8 +280,18 @@ class RunSpec(BaseModel):
     @field_validator("dataset_size")
     @classmethod
     def _size_known(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v is None and info.data.get("dataset") == "imagefolder":
+        dataset = info.data.get("dataset")
+        if v is None and dataset == "imagefolder":
             raise ValueError("imagefolder needs dataset_size (training images to use)")
+        if v is not None and dataset == "mnist1d" and v > MAX_MNIST1D_SIZE:
+            raise ValueError(f"mnist1d generates at most {MAX_MNIST1D_SIZE} samples")
+        if v is not None and dataset == "synthetic":
+            shape = MODEL_INPUT.get(info.data.get("model") or "") or (40,)
+            if v * math.prod(shape) > MAX_SYNTHETIC_VALUES:
+                raise ValueError(
+                    f"{v} synthetic samples of shape {shape} exceed {MAX_SYNTHETIC_VALUES} "
+                    "values (4 GiB)"
+                )
         return v
 
     @field_validator("data_root")
@@ -226,11 +343,30 @@ class RunSpec(BaseModel):
 
     @field_validator("milestones")
     @classmethod
-    def _milestones_sorted(cls, v: list[float]) -> list[float]:
+    def _milestones_sorted(cls, v: list[float], info: ValidationInfo) -> list[float]:
         if any(m <= 0 for m in v):
             raise ValueError("milestones are epochs > 0")
         if sorted(v) != list(v):
             raise ValueError("milestones must be increasing")
+        # A drop at or after the last epoch never happens: the LR would stay flat with no
+        # word of it (e.g. `--set epochs=10` on milestones [10, 20, 27]).
+        epochs = info.data.get("epochs")
+        late = [m for m in v if epochs is not None and m >= epochs]
+        if late and info.data.get("decay") == "step":
+            raise ValueError(
+                f"milestones {_fmt_epochs(late)} are at or past the end of training "
+                f"(epochs={epochs}): each must be < epochs, or use decay 'constant'"
+            )
+        return v
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _no_fp16(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.lower() in ("fp16", "float16", "half"):
+            raise ValueError(
+                "fp16 needs loss scaling (a GradScaler) to keep small gradients from "
+                "underflowing: use bf16, which has fp32's range and needs none"
+            )
         return v
 
     @field_validator("nesterov")
@@ -312,6 +448,28 @@ class RunSpec(BaseModel):
         if self.train_size is not None:
             out.update(iters_per_epoch=self.iters_per_epoch, total_iters=self.total_iters)
         return out
+
+
+def suggest_field(name: str) -> str | None:
+    """The RunSpec field ``name`` was probably meant to be (difflib), or None."""
+    close = difflib.get_close_matches(name, RunSpec.model_fields, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _suggest(error: Any) -> str:
+    """pydantic's message, plus "did you mean FIELD?" for an unknown top-level field."""
+    loc = error["loc"]
+    if error["type"] != "extra_forbidden" or len(loc) != 1 or not isinstance(loc[0], str):
+        return error["msg"]
+    guess = suggest_field(loc[0])
+    hint = f"did you mean {guess}?" if guess else "docs/runspec.md lists the fields"
+    return f"{error['msg']} (unknown field): {hint}"
+
+
+def _fmt_epochs(values: list[float]) -> str:
+    """[10.0, 20.5] -> "[10, 20.5]": epochs as a user wrote them (first few only)."""
+    shown = ", ".join(f"{m:g}" for m in values[:5])
+    return f"[{shown}{', ...' if len(values) > 5 else ''}]"
 
 
 def _train_size(dataset: str | None, dataset_size: int | None) -> int | None:
