@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
-from store.config import database_url, normalize_url
+from core.settings import get_settings, normalize_database_url
 
 BUSY_TIMEOUT_S = 30
 # Arbitrary constant naming the migration lock among PostgreSQL advisory locks.
@@ -61,8 +61,8 @@ def _create_engine(url: str) -> Engine:
 
 
 def get_engine(url: str | None = None) -> Engine:
-    """The engine for ``url`` (default: ``store.config.database_url()``), cached per URL."""
-    key = normalize_url(url) if url else database_url()
+    """The engine for ``url`` (default: ``BATCHLAB_DATABASE_URL``), cached per URL."""
+    key = normalize_database_url(url) if url else get_settings().database_url
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:

@@ -6,20 +6,29 @@ classes must match them (tests/test_migrations.py compares the two).
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-RUN_STATUSES = ("queued", "running", "succeeded", "failed", "diverged", "cancelled")
-FINAL_STATUSES = ("succeeded", "failed", "diverged", "cancelled")
+from core.status import RunStatus
+
 GROUP_KINDS = ("sweep", "compare")
 KEY_MAX_LEN = 64
+# Run and group ids are BIGINT on PostgreSQL (migration 0004). SQLite's INTEGER is 64-bit
+# already, and only "INTEGER PRIMARY KEY" is its rowid (and AUTOINCREMENT) column.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def new_uid() -> str:
+    """A run's never-repeating identity (32 hex digits)."""
+    return uuid.uuid4().hex
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -65,7 +74,7 @@ class Group(Base):
     __tablename__ = "groups"
     __table_args__ = (sa.CheckConstraint("kind IN ('sweep', 'compare')", name="kind"),)
 
-    id: Mapped[int] = mapped_column(primary_key=True)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(200))
     kind: Mapped[str] = mapped_column(sa.String(16))
     spec: Mapped[dict[str, Any] | None] = mapped_column()
@@ -73,7 +82,7 @@ class Group(Base):
     seeds: Mapped[list[Any] | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    # selectin: group_to_dict works on a group whose session is closed.
+    # selectin: server.schemas.GroupOut reads a group whose session is closed.
     runs: Mapped[list[Run]] = relationship(
         back_populates="group", lazy="selectin", order_by="Run.id"
     )
@@ -84,24 +93,31 @@ class Run(Base):
 
     __tablename__ = "runs"
     __table_args__ = (
+        # A new status needs a migration too: 0001_initial.py spells this constraint out.
         sa.CheckConstraint(
-            "status IN ('queued', 'running', 'succeeded', 'failed', 'diverged', 'cancelled')",
-            name="status",
+            "status IN (" + ", ".join(f"'{s}'" for s in RunStatus) + ")", name="status"
         ),
         # No id reuse after a delete: caches and browser tabs key on run ids.
         {"sqlite_autoincrement": True},
     )
 
-    id: Mapped[int] = mapped_column(primary_key=True)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    # An identity that never repeats, not even after the database is reset while
+    # $BATCHLAB_HOME is kept: the run's folder (checkpoint, metric spool) is named by it.
+    uid: Mapped[str | None] = mapped_column(sa.String(32), unique=True, index=True)
     name: Mapped[str] = mapped_column(sa.String(200))
     spec: Mapped[dict[str, Any]] = mapped_column()
-    status: Mapped[str] = mapped_column(sa.String(16), default="queued", index=True)
+    status: Mapped[str] = mapped_column(sa.String(16), default=RunStatus.QUEUED, index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
     host: Mapped[str | None] = mapped_column(sa.String(200))
     gpus: Mapped[str | None] = mapped_column(sa.String(200))
     worker: Mapped[str | None] = mapped_column(sa.String(200))
+    # The Celery queue of its last message (waiting_for in the API names it) and the
+    # device its last attempt trained on ("cuda:0 NVIDIA H200 (139 GiB), torch ...").
+    queue: Mapped[str | None] = mapped_column(sa.String(64))
+    device: Mapped[str | None] = mapped_column(sa.String(300))
     task_id: Mapped[str | None] = mapped_column(sa.String(200))
     attempts: Mapped[int] = mapped_column(default=0)
     heartbeat_at: Mapped[datetime | None] = mapped_column()
@@ -112,10 +128,19 @@ class Run(Base):
     progress: Mapped[float] = mapped_column(sa.Double, default=0.0)
     eta_s: Mapped[float | None] = mapped_column(sa.Double)
     group_id: Mapped[int | None] = mapped_column(
-        sa.ForeignKey("groups.id", ondelete="SET NULL"), index=True
+        BigId, sa.ForeignKey("groups.id", ondelete="SET NULL"), index=True
     )
-    baseline_id: Mapped[int | None] = mapped_column(sa.ForeignKey("runs.id", ondelete="SET NULL"))
+    baseline_id: Mapped[int | None] = mapped_column(
+        BigId, sa.ForeignKey("runs.id", ondelete="SET NULL")
+    )
     is_baseline: Mapped[bool] = mapped_column(default=False)
+    # Run management (migration 0006; rules in store.runs.update_run).
+    tags: Mapped[list[Any]] = mapped_column(default=list, server_default="[]")
+    notes: Mapped[str] = mapped_column(sa.Text, default="", server_default="")
+    archived: Mapped[bool] = mapped_column(default=False, server_default=sa.false(), index=True)
+    # The run this one extends ("train N more epochs" from its checkpoint). No foreign key,
+    # as for metric points: delete_run clears it.
+    parent_id: Mapped[int | None] = mapped_column(BigId, index=True)
 
     group: Mapped[Group | None] = relationship(back_populates="runs", lazy="raise")
 
@@ -137,7 +162,7 @@ class MetricPoint(Base):
     # SQLite: cluster rows by the primary key so a series is one contiguous range.
     __table_args__ = {"sqlite_with_rowid": False}
 
-    run_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    run_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
     key: Mapped[str] = mapped_column(sa.String(KEY_MAX_LEN), primary_key=True)
     step: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
     epoch: Mapped[float] = mapped_column(sa.Double)
@@ -146,17 +171,19 @@ class MetricPoint(Base):
 
 
 class SeriesOverview(Base):
-    """One series of a finished run, downsampled once (MinMaxLTTB along the step) and kept.
+    """One series of a run, downsampled and kept: kept up to date while the run writes
+    (store.metrics.live, min/max/first/last buckets), replaced by a MinMaxLTTB overview
+    when it finishes.
 
     A cold read of a long series costs about a second per million points (every row comes
-    out of the database); a compare view of 20 finished runs would pay that for each.
+    out of the database); a compare view of 20 runs would pay that for each.
     Views without an x range read this instead (store.metrics.read_series), ``attempts``
     tying it to the run attempt whose points it summarises.
     """
 
     __tablename__ = "series_overviews"
 
-    run_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    run_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
     key: Mapped[str] = mapped_column(sa.String(KEY_MAX_LEN), primary_key=True)
     attempts: Mapped[int] = mapped_column(sa.Integer)
     total: Mapped[int] = mapped_column(sa.BigInteger)
@@ -172,5 +199,22 @@ class WorkerBeat(Base):
     host: Mapped[str] = mapped_column(sa.String(200))
     gpus: Mapped[str] = mapped_column(sa.String(200), default="")
     queues: Mapped[list[Any]] = mapped_column(default=list)
-    active_run_id: Mapped[int | None] = mapped_column(sa.ForeignKey("runs.id", ondelete="SET NULL"))
+    active_run_id: Mapped[int | None] = mapped_column(
+        BigId, sa.ForeignKey("runs.id", ondelete="SET NULL")
+    )
     last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RunLog(Base):
+    """One line of a run's output (the training's stdout / stderr, warnings, a failure's
+    traceback), ``seq`` numbering the run's lines across attempts. Bounded per run by
+    ``store.runs.append_log``; no foreign key, like MetricPoint: ``delete_run`` removes
+    the lines after the run row."""
+
+    __tablename__ = "run_logs"
+
+    run_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
+    t: Mapped[datetime] = mapped_column()
+    stream: Mapped[str] = mapped_column(sa.String(16))
+    text: Mapped[str] = mapped_column(sa.Text)

@@ -15,10 +15,9 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
-from store import config
 from store.db import alembic_config, dispose_engines, get_engine, migrate, session
 from store.models import Base
-from store.runs import create_run, get_run
+from store.runs import create_run, get_run, list_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.services)]
@@ -69,6 +68,102 @@ def test_downgrade_to_base_and_upgrade_again(url: str) -> None:
     assert set(sa.inspect(engine).get_table_names()) >= TABLES
 
 
+def test_0003_adds_queue_and_device_to_existing_runs(url: str) -> None:
+    """A database at 0002 with a run: upgraded, the run is kept with no queue or device;
+    downgraded again, the run is still there and ids are not reused (AUTOINCREMENT kept)."""
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0002")
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO runs (name, spec, status, created_at, attempts, cancel_requested,"
+                " progress, is_baseline) VALUES ('old', '{}', 'queued', CURRENT_TIMESTAMP, 0,"
+                " false, 0, false)"
+            )
+        )
+    migrate(engine)
+    with session(engine) as s:
+        (old,) = list_runs(s)
+        assert (old.name, old.queue, old.device) == ("old", None, None)
+        s.delete(old)
+        newer = create_run(s, name="newer", spec={}).id
+    assert newer > old.id
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0002")
+        names = {c["name"] for c in sa.inspect(conn).get_columns("runs")}
+    assert {"queue", "device"}.isdisjoint(names) and "name" in names
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM runs"))
+    migrate(engine)
+    with session(engine) as s:
+        assert create_run(s, name="after", spec={}).id > newer
+
+
+def test_0005_backfills_uid_with_the_folder_name_existing_runs_have(url: str) -> None:
+    """Runs from before 0005 keep their folder (runs/<id>); new runs get a random uid."""
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0004")
+        for name in ("a", "b"):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO runs (name, spec, status, created_at, attempts,"
+                    " cancel_requested, progress, is_baseline) VALUES (:n, '{}', 'queued',"
+                    " CURRENT_TIMESTAMP, 0, false, 0, false)"
+                ),
+                {"n": name},
+            )
+    migrate(engine)
+    with session(engine) as s:
+        old = list_runs(s)
+        assert sorted(r.uid for r in old) == sorted(str(r.id) for r in old)
+        new = create_run(s, name="new", spec={})
+        assert new.uid is not None and len(new.uid) == 32 and new.uid != str(new.id)
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0004")
+        assert "uid" not in {c["name"] for c in sa.inspect(conn).get_columns("runs")}
+
+
+def test_0006_gives_existing_runs_empty_tags_and_notes_and_keeps_them(url: str) -> None:
+    """Runs from before 0006 survive it (no tags, no notes, not archived, no parent) and
+    its downgrade; the new columns take values, a 64-bit parent id included."""
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0005")
+        conn.execute(
+            sa.text(
+                "INSERT INTO runs (uid, name, spec, status, created_at, attempts,"
+                " cancel_requested, progress, is_baseline) VALUES ('u1', 'old', '{}',"
+                " 'succeeded', CURRENT_TIMESTAMP, 1, false, 1, false)"
+            )
+        )
+    migrate(engine)
+    with session(engine) as s:
+        (old,) = list_runs(s)
+        assert (old.name, old.tags, old.notes, old.archived, old.parent_id) == (
+            "old",
+            [],
+            "",
+            False,
+            None,
+        )
+        child = create_run(s, name="child", spec={})
+        child.tags, child.notes, child.archived, child.parent_id = ["a"], "n", True, 2**40
+        child_id = child.id
+    with session(engine) as s:
+        got = get_run(s, child_id)
+        assert (got.tags, got.notes, got.archived, got.parent_id) == (["a"], "n", True, 2**40)
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0005")
+        names = {c["name"] for c in sa.inspect(conn).get_columns("runs")}
+        assert {"tags", "notes", "archived", "parent_id"}.isdisjoint(names)
+        assert conn.execute(sa.text("SELECT count(*) FROM runs")).scalar() == 2
+    migrate(engine)
+    with session(engine) as s:
+        assert {r.name: r.tags for r in list_runs(s)} == {"old": [], "child": []}
+
+
 @pytest.mark.slow
 def test_concurrent_migrations_from_other_directories(url: str, tmp_path: Path) -> None:
     """Three processes start at once on an empty database, none in the repository."""
@@ -109,28 +204,6 @@ def test_sqlite_engine_pragmas_and_cache(sqlite_url: str) -> None:
                       "foreign_keys": 1}  # fmt: skip
     dispose_engines()
     assert get_engine(sqlite_url) is not engine
-
-
-def test_config_defaults_and_overrides(
-    batchlab_home: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    assert config.home() == Path(batchlab_home)
-    assert config.database_url() == f"sqlite:///{Path(batchlab_home).resolve()}/batchlab.db"
-
-    nested = tmp_path / "a" / "b"
-    monkeypatch.setenv("BATCHLAB_HOME", str(nested))
-    assert config.home() == nested and nested.is_dir()
-
-    monkeypatch.delenv("BATCHLAB_HOME")
-    monkeypatch.chdir(tmp_path)
-    assert config.home() == Path(".batchlab") and (tmp_path / ".batchlab").is_dir()
-
-    monkeypatch.setenv("BATCHLAB_DATABASE_URL", "postgresql://u@h:5432/db")
-    assert config.database_url() == "postgresql+psycopg://u@h:5432/db"
-    monkeypatch.setenv("BATCHLAB_DATABASE_URL", "postgres://u@h/db")
-    assert config.database_url() == "postgresql+psycopg://u@h/db"
-    monkeypatch.setenv("BATCHLAB_DATABASE_URL", "postgresql+psycopg://u@h/db")
-    assert config.database_url() == "postgresql+psycopg://u@h/db"
 
 
 def test_default_engine_uses_batchlab_home(batchlab_home: str) -> None:

@@ -10,11 +10,22 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from server.schemas import GroupOut, RunOut
 from store import runs
 from store.db import dispose_engines, get_engine, migrate, session
 from store.metrics import MetricWriter, invalidate
 from store.models import MetricPoint, Run
 from trainer.spec import RunSpec
+
+
+# The API shapes of store rows (server/schemas.py is their only serializer).
+def run_json(run: Run) -> dict:
+    return RunOut.model_validate(run).model_dump(mode="json")
+
+
+def group_json(group: object) -> dict:
+    return GroupOut.model_validate(group).model_dump(mode="json")
+
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.services)]
 # Input validation happens before any SQL: one backend is enough.
@@ -60,8 +71,8 @@ def test_create_list_and_run_dict(engine: Engine) -> None:
         assert [r.id for r in runs.list_runs(s, status="running")] == [b.id]
         assert {r.id for r in runs.list_runs(s, status=["queued", "running"])} == {
             a.id, b.id, stale.id}  # fmt: skip
-        d = runs.run_to_dict(runs.get_run(s, b.id))
-        d_stale = runs.run_to_dict(runs.get_run(s, stale.id))
+        d = run_json(runs.get_run(s, b.id))
+        d_stale = run_json(runs.get_run(s, stale.id))
         assert runs.get_run(s, 999_999) is None
 
     assert set(d) >= RUN_FIELDS
@@ -73,7 +84,7 @@ def test_create_list_and_run_dict(engine: Engine) -> None:
     assert d["finished_at"] is None and d["progress"] == 0.0 and d["attempts"] == 1
     # A stored spec that no longer validates still lists, with no derived figures.
     assert d_stale["derived"] == {} and d_stale["spec"]["gone_field"] == 1
-    assert runs.run_to_dict(a)["name"] == "base" and runs.run_to_dict(a)["is_baseline"]
+    assert run_json(a)["name"] == "base" and run_json(a)["is_baseline"]
 
 
 def test_lifecycle_running_progress_finished(engine: Engine) -> None:
@@ -105,7 +116,7 @@ def test_lifecycle_running_progress_finished(engine: Engine) -> None:
         runs.mark_finished(s, run_id, "diverged", error="loss blew up", diverged_step=40,
                            summary=summary)  # fmt: skip
     with session(engine) as s:
-        d = runs.run_to_dict(runs.get_run(s, run_id))
+        d = run_json(runs.get_run(s, run_id))
         assert d["status"] == "diverged" and d["diverged_step"] == 40
         assert d["error"] == "loss blew up" and d["finished_at"] is not None
         assert d["summary"] == {"final_val_err": 0.12, "loss_oscillation": None}
@@ -160,10 +171,54 @@ def test_stale_runs_and_requeue(engine: Engine) -> None:
     with session(engine) as s:
         assert [r.id for r in runs.stale_runs(s, 30)] == [stale]
         assert [r.id for r in runs.stale_runs(s, 300)] == []
+        # The clock is injected: seen from 10 minutes later, both running runs are silent.
+        later = datetime.now(UTC) + timedelta(seconds=600)
+        assert [r.id for r in runs.stale_runs(s, 300, now=later)] == [fresh, stale]
         runs.requeue(s, stale)
     with session(engine) as s:
         assert runs.stale_runs(s, 30) == []
         assert {r.id for r in runs.list_runs(s, status="queued")} == {stale, queued}
+
+
+def test_transitions_are_compare_and_set(engine: Engine) -> None:
+    """Each transition applies once, from the statuses it names; a loser learns it lost."""
+    with session(engine) as s:
+        run_id = runs.create_run(s, name="r", spec=_spec()).id
+    with session(engine) as s:
+        run = runs.claim(s, run_id, host="h", gpus=[0], worker="w1", task_id="t1")
+        assert (run.status, run.attempts, run.gpus, run.task_id) == ("running", 1, "0", "t1")
+        # A duplicate delivery of the same message: not queued any more.
+        assert runs.claim(s, run_id, host="h", gpus="", worker="w2") is None
+        assert runs.running_run_of(s, "w1") == run_id and runs.running_run_of(s, "w2") is None
+    later = datetime.now(UTC) + timedelta(seconds=120)
+    with session(engine) as s:
+        assert not runs.reap(s, run_id, 30)  # heartbeat is fresh
+        assert runs.reap(s, run_id, 30, now=later)
+        assert not runs.reap(s, run_id, 30, now=later)  # a second reaper
+        run = runs.get_run(s, run_id)
+        assert (run.status, run.heartbeat_at) == ("queued", None)
+        # The re-send failed: running again with the old heartbeat, for the next reap.
+        old_beat = datetime.now(UTC) - timedelta(seconds=90)
+        assert runs.undo_requeue(s, run_id, heartbeat_at=old_beat)
+        assert not runs.undo_requeue(s, run_id, heartbeat_at=old_beat)
+        assert [r.id for r in runs.stale_runs(s, 30)] == [run_id]
+        assert runs.reap(s, run_id, 30)
+        assert runs.claim(s, run_id, host="h", gpus="", worker="w2").attempts == 2
+    with session(engine) as s:
+        # The first attempt's worker comes back: the run is not its to finish any more.
+        assert not runs.mark_finished(s, run_id, "succeeded", attempt=1)
+        assert runs.mark_finished(s, run_id, "succeeded", attempt=2, summary={"a": 1.0})
+        assert not runs.mark_finished(s, run_id, "failed")  # final stays final
+        assert not runs.reap(s, run_id, 30, fail_with="lost", now=later)
+        run = runs.get_run(s, run_id)
+        assert (run.status, run.summary, run.progress) == ("succeeded", {"a": 1.0}, 1.0)
+        assert not runs.mark_finished(s, 424242, "failed")
+        runs.requeue(s, run_id)
+        runs.mark_running(s, run_id, host="h", gpus="", worker="w3")
+        assert runs.reap(s, run_id, 30, fail_with="WorkerLost: gone", now=later)
+        run = runs.get_run(s, run_id)
+        assert (run.status, run.error) == ("failed", "WorkerLost: gone")
+        assert run.finished_at is not None
 
 
 def test_groups_with_runs_and_baseline(engine: Engine) -> None:
@@ -173,7 +228,7 @@ def test_groups_with_runs_and_baseline(engine: Engine) -> None:
         base = runs.create_run(s, name="b", spec=_spec(), group_id=g.id, is_baseline=True)
         big = runs.create_run(s, name="x", spec=_spec(workers=32), group_id=g.id,
                               baseline_id=base.id)  # fmt: skip
-        inside = runs.group_to_dict(g)  # current within the creating session
+        inside = group_json(g)  # current within the creating session
         cmp_group = runs.create_group(s, name="cmp", kind="compare")
         runs.create_run(s, name="y", spec=_spec(), group_id=cmp_group.id, baseline_id=base.id)
     assert inside["run_ids"] == [base.id, big.id] and inside["baseline_id"] == base.id
@@ -181,14 +236,14 @@ def test_groups_with_runs_and_baseline(engine: Engine) -> None:
         g2 = runs.get_group(s, g.id)
         groups = runs.list_groups(s)
         assert [r.id for r in runs.list_runs(s, group_id=g.id)] == [big.id, base.id]
-    d = runs.group_to_dict(g2)  # after the session closed
+    d = group_json(g2)  # after the session closed
     assert set(d) == GROUP_FIELDS
     assert d["kind"] == "sweep" and d["batch_sizes"] == [256, 1024] and d["seeds"] == [0, 1]
     assert d["run_ids"] == [base.id, big.id] and d["baseline_id"] == base.id
     assert d["created_at"].endswith("Z")
     assert [x.id for x in groups] == [cmp_group.id, g.id]
     # A comparison without its own baseline run points at the one its runs share.
-    assert runs.group_to_dict(groups[0])["baseline_id"] == base.id
+    assert group_json(groups[0])["baseline_id"] == base.id
     with session(engine) as s:
         assert runs.get_group(s, 999) is None
 
