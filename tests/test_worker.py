@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -215,9 +216,10 @@ def test_celery_app_import_is_torch_free() -> None:
 
 
 def test_app_settings(batchlab_home: str) -> None:
-    from worker.celery_app import broker_url, make_app
+    from core.settings import get_settings
+    from worker.celery_app import make_app
 
-    assert broker_url() == f"sqla+sqlite:///{Path(batchlab_home).resolve()}/broker.db"
+    assert get_settings().broker_url == f"sqla+sqlite:///{Path(batchlab_home).resolve()}/broker.db"
     app = make_app()
     conf = app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
@@ -341,6 +343,26 @@ def test_db_sink_progress_eta_and_cancel(sqlite_url: str) -> None:
     assert point_counts(engine, run_id) == {"loss": 2 * ipe}
 
 
+def test_device_text_names_the_trainers_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU and DDP here; a CUDA device with torch's CUDA answers faked (no GPU needed)."""
+    import types
+
+    import torch
+
+    from worker.sink import device_text
+
+    cpu = device_text({"device": "cpu", "nproc": 1})
+    assert re.fullmatch(rf"cpu \(\d+ cores\), torch {re.escape(torch.__version__)}", cpu)
+    assert device_text({"device": "cpu", "nproc": 4}) == f"{cpu} x 4 processes"
+    props = types.SimpleNamespace(name="NVIDIA H200", total_memory=140 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    meta = {"device": "cuda:0", "device_name": "NVIDIA H200", "nproc": 1}
+    assert (
+        device_text(meta) == f"cuda:0 NVIDIA H200 (140 GiB), torch {torch.__version__}, CUDA 12.8"
+    )
+
+
 def test_db_sink_notices_lost_run(sqlite_url: str) -> None:
     """Re-queued by the reaper and started elsewhere: this attempt must stop."""
     from worker.sink import DbSink
@@ -408,9 +430,16 @@ def test_run_succeeds_with_every_point(service: Service) -> None:
     assert_complete(service.engine, run_id, spec)
     assert run.attempts == 1 and run.progress == 1.0
     assert run.host == socket.gethostname()
-    assert run.worker == f"cpu@{socket.gethostname()}" and run.gpus == ""
+    # CPU node names carry the supervisor's pid: two CPU workers on one host differ.
+    assert re.fullmatch(rf"cpu-\d+@{re.escape(socket.gethostname())}", run.worker or "")
+    assert run.gpus == ""
+    # What it trained on, in the words of the worker's device probe; and where it was sent.
+    import torch
+
+    assert run.device and run.device.startswith("cpu (")
+    assert run.device.endswith(f"torch {torch.__version__}") and run.queue == "cpu"
     assert run.summary and 0 <= run.summary["final_val_err"] <= 1
-    assert (service.home / "runs" / str(run_id) / "checkpoint.pt").exists()
+    assert (service.home / "runs" / run.uid / "checkpoint.pt").exists()
     # The worker registered itself, with its queue, for GET /api/workers.
     from worker.celery_app import inspect_workers
 
@@ -480,7 +509,7 @@ def test_trainer_error_marks_failed_with_its_type(service: Service) -> None:
     run_id = service.submit(spec)
     run = service.wait(run_id, "failed", "succeeded")
     assert run.status == "failed"
-    assert run.error == "FileNotFoundError: data_root '/nonexistent/mnist' is not a folder"
+    assert run.error == "trainer.RunConfigError: data_root '/nonexistent/mnist' is not a folder"
 
 
 @pytest.mark.slow
@@ -492,6 +521,7 @@ def test_multi_process_run_uses_torchrun(service: Service) -> None:
     assert run.status == "succeeded", run.error
     assert_complete(service.engine, run_id, spec)
     assert run.summary and run.summary["total_batch"] == 20
+    assert run.device and re.fullmatch(r"cpu \(\d+ cores\), torch \S+ x 2 processes", run.device)
 
 
 @pytest.mark.slow
@@ -500,7 +530,7 @@ def test_launcher_shuts_down_cleanly(service: Service) -> None:
     proc = service.worker.proc
     assert proc.poll() is None
     # The Celery worker runs in a session of its own (Ctrl-C reaches the supervisor only).
-    (pid,) = re.findall(r"started cpu@%h \(pid (\d+),", service.worker.log_path.read_text())
+    (pid,) = re.findall(r"started cpu-\d+@%h \(pid (\d+),", service.worker.log_path.read_text())
     assert os.getpgid(int(pid)) == int(pid) != os.getpgid(proc.pid)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
@@ -668,9 +698,40 @@ def test_db_sink_stores_an_epoch_before_its_checkpoint(sqlite_url: str) -> None:
     lazy = MetricWriter(engine, run_id, flush_interval=3600)  # never flushes by itself
     sink = DbSink(engine, run_id, spec, writer=lazy)
     ipe = spec.iters_per_epoch
-    for step in range(ipe):
+    for step in range(ipe - 1):
         sink.log(step, {"loss": 1.0, "lr": 0.1}, epoch=(step + 1) / ipe, wall_time=step)
-    assert point_counts(engine, run_id) == {}
+    assert point_counts(engine, run_id) == {}  # the writer holds them
+    # The epoch's last iteration starts a background write (the trainer validates next);
+    # its epoch values must find everything stored before the checkpoint is taken.
+    sink.log(ipe - 1, {"loss": 1.0, "lr": 0.1}, epoch=1.0, wall_time=ipe - 1)
     sink.log(ipe - 1, {"val_err": 0.5, "epoch_time": 1.0}, epoch=1.0, wall_time=ipe)
     assert point_counts(engine, run_id) == {"loss": ipe, "lr": ipe, "val_err": 1, "epoch_time": 1}
     sink.close()
+
+
+def test_a_cold_shutdown_leaves_the_run_to_the_reaper(
+    sqlite_url: str, batchlab_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery's cold shutdown (a second SIGTERM) raises inside the training, with the solo
+    pool as NotImplementedError("... does not implement kill_job"): not a failure of the
+    run, which stays running for the reaper to re-queue from its checkpoint."""
+    from worker import tasks
+
+    engine = db.get_engine(sqlite_url)
+    db.migrate(engine)
+    run_id = create_run(engine, tiny_spec())
+
+    def interrupted(*_: Any) -> None:
+        tasks._on_shutting_down(how="Cold")  # what Celery's signal sends first
+        raise NotImplementedError("solo.TaskPool does not implement kill_job")
+
+    monkeypatch.setattr(tasks, "_train_inline", interrupted)
+    try:
+        assert tasks.execute(engine, run_id, worker="cpu-1@box") == "interrupted"
+    finally:
+        tasks.cold_shutdown.clear()
+    with db.session(engine) as s:
+        run = runs.get_run(s, run_id)
+        assert run.status == "running" and run.error is None
+        later = run.heartbeat_at + timedelta(seconds=60)
+        assert [r.id for r in runs.stale_runs(s, 30, now=later)] == [run_id]

@@ -122,6 +122,18 @@ def test_reap_sends_a_real_message(sqlite_url: str, tmp_path: Path) -> None:
     assert queue_lengths(["cpu", "gpu"], celery_app=app) == {"cpu": 1, "gpu": 0}
 
 
+def test_reap_measures_silence_at_the_given_time(sqlite_url: str) -> None:
+    engine = _engine(sqlite_url)
+    run_id = create_run(engine, tiny_spec())
+    with db.session(engine) as s:
+        runs.mark_running(s, run_id, host="h", gpus="", worker="w")  # heartbeat: now
+    send = Recorder()
+    later = utcnow() + timedelta(seconds=31)
+    assert reap_stale(engine, older_than_s=60, enqueue=send, now=later) == []
+    assert reap_stale(engine, older_than_s=30, enqueue=send, now=later) == [run_id]
+    assert send.sent == [run_id] and get_run(engine, run_id).status == "queued"
+
+
 def test_reap_rejects_bad_arguments(sqlite_url: str) -> None:
     engine = _engine(sqlite_url)
     with pytest.raises(ValueError, match="older_than_s"):
@@ -175,14 +187,15 @@ def test_killed_worker_run_resumes_from_checkpoint(tmp_path: Path) -> None:
         victim.kill()
         counts = point_counts(engine, run_id)
         assert counts["loss"] < spec.total_iters, "the run ended before it was killed"
-        assert (home / "runs" / str(run_id) / "checkpoint.pt").exists()
+        assert (home / "runs" / str(first.uid) / "checkpoint.pt").exists()
         before_ckpt = (counts["val_err"] - 1) * ipe
         assert counts["loss"] >= before_ckpt  # nothing before the checkpoint is missing
         before = _rows(engine, run_id, before_ckpt)
         assert get_run(engine, run_id).status == "running"
 
-        time.sleep(1.2)  # the killed worker's heartbeat goes stale
-        assert reap_stale(engine, older_than_s=1, celery_app=app) == [run_id]
+        # The killed worker's heartbeat, seen from a minute later: stale, without waiting.
+        later = utcnow() + timedelta(seconds=60)
+        assert reap_stale(engine, older_than_s=30, celery_app=app, now=later) == [run_id]
         run = wait_for(engine, run_id, ("succeeded", "failed", "diverged"), 60, workers["b"])
         assert run.status == "succeeded", run.error
         assert run.attempts == 2 and run.worker != first.worker

@@ -4,7 +4,7 @@ This module is torch-free and cheap to import: the API server imports it to send
 ``batchlab.train_run`` messages by name, never importing the task code itself. Workers
 load the task through ``include`` (``worker.tasks``).
 
-The broker comes from ``BATCHLAB_BROKER_URL`` (Redis in compose / production). The
+The broker comes from ``BATCHLAB_BROKER_URL`` (Redis in compose, or RabbitMQ). The
 default is kombu's SQLAlchemy transport on a SQLite file next to the database, so a
 single machine needs nothing installed. No result backend: a run's status lives in our
 own database (``store``), which is also what ``GET /api/workers`` reads.
@@ -26,13 +26,15 @@ import os
 import sqlite3
 import threading
 import warnings
-from datetime import UTC, datetime, timedelta
+from collections.abc import Collection
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from sqlalchemy.engine import make_url
 
-from store import config as store_config
+from core.settings import get_settings
+from core.status import RunStatus
 
 if TYPE_CHECKING:
     from trainer.spec import RunSpec
@@ -50,19 +52,12 @@ WORKER_STALE_S = 30.0
 # re-delivery of a run that is already running is skipped by the task.
 REDIS_VISIBILITY_TIMEOUT_S = 3600
 BROKER_TIMEOUT_S = 3.0
+AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
 # kombu's SQLAlchemy transport on SQLAlchemy 2.1 declares its Queue.messages relation as
 # lazy="noload", which 2.1 deprecates; harmless for the transport, noisy in every log.
 warnings.filterwarnings(
     "ignore", message=r".*``noload`` loader strategy is deprecated.*", category=DeprecationWarning
 )
-
-
-def broker_url() -> str:
-    """``$BATCHLAB_BROKER_URL`` or the SQLite file ``$BATCHLAB_HOME/broker.db``."""
-    url = os.environ.get("BATCHLAB_BROKER_URL")
-    if url:
-        return url
-    return f"sqla+sqlite:///{(store_config.home() / 'broker.db').resolve()}"
 
 
 def _is_sqla(url: str) -> bool:
@@ -89,12 +84,16 @@ def _transport_options(url: str) -> dict[str, Any]:
         return {"pool_pre_ping": True}
     if url.startswith(("redis://", "rediss://", "redis+socket://", "sentinel://")):
         return {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}
+    if url.startswith(AMQP_SCHEMES):
+        # Publisher confirms: a send returns only once RabbitMQ has the message (queues
+        # and messages are durable by default), so a run is never queued with no message.
+        return {"confirm_publish": True}
     return {}
 
 
 def make_app(url: str | None = None) -> Celery:
-    """A configured Celery app for ``url`` (default: ``broker_url()``)."""
-    url = url or broker_url()
+    """A configured Celery app for ``url`` (default: ``BATCHLAB_BROKER_URL``)."""
+    url = url or get_settings().broker_url
     app = Celery("batchlab", broker=url, include=["worker.tasks"])
     app.conf.update(
         task_acks_late=True,
@@ -189,12 +188,21 @@ def gpu_workers_seen(engine: Any = None, *, within_s: float = WORKER_STALE_S) ->
     from store import db, runs
 
     engine = engine or db.get_engine()
-    cutoff = datetime.now(UTC) - timedelta(seconds=within_s)
     with db.session(engine) as s:
-        return any(
-            w.last_seen >= cutoff and any(str(q).startswith(GPU_QUEUE) for q in w.queues or [])
-            for w in runs.list_workers(s)
-        )
+        return has_gpu_queue(runs.live_queues(s, seen_within_s=within_s))
+
+
+def has_gpu_queue(queues: Collection[str]) -> bool:
+    return any(q.startswith(GPU_QUEUE) for q in queues)
+
+
+def waiting_reason(status: str, queue: str | None, live: Collection[str]) -> str | None:
+    """Why a queued run is not taken: no live worker consumes its queue (``live``: the
+    queues of live workers). None when one does, the run is not queued, or its queue is
+    unknown (runs queued before queues were recorded)."""
+    if status != RunStatus.QUEUED or queue is None or queue in live:
+        return None
+    return f"no live worker serves queue {queue}"
 
 
 def enqueue(
@@ -208,7 +216,8 @@ def enqueue(
     """Send ``batchlab.train_run(run_id)`` to the queue that fits ``spec``; the task id.
 
     ``device="auto"`` goes to ``gpu`` only while a GPU worker is registered, otherwise it
-    would wait forever on a machine without one.
+    would wait forever on a machine without one. With ``engine``, the queue is also noted
+    on the run (``waiting_for`` of the API names it while no live worker serves it).
     """
     celery_app = celery_app or app
     if queue is None:
@@ -219,10 +228,22 @@ def enqueue(
             except Exception:  # the workers table is a hint; never fail a submit on it
                 log.warning("could not read the workers table; sending to cpu", exc_info=True)
         queue = queue_for(spec, have_gpus=have_gpus)
+    if engine is not None:
+        _record_queue(engine, run_id, queue)
     prepare_broker(str(celery_app.conf.broker_url))
     with broker_lock:
         result = celery_app.send_task(TASK_NAME, args=[run_id], queue=queue)
     return str(result.id)
+
+
+def _record_queue(engine: Any, run_id: int, queue: str) -> None:
+    from store import db, runs
+
+    try:  # a hint for the UI, like the workers table: never fail a send on it
+        with db.session(engine) as s:
+            runs.record_queue(s, run_id, queue)
+    except Exception:
+        log.warning("run %s: could not record its queue %s", run_id, queue, exc_info=True)
 
 
 def queue_lengths(queues: list[str], *, celery_app: Celery | None = None) -> dict[str, int]:
@@ -239,6 +260,8 @@ def queue_lengths(queues: list[str], *, celery_app: Celery | None = None) -> dic
                 out[name] = int(channel.queue_declare(queue=name, passive=True).message_count)
             except Exception:  # a queue nobody declared yet holds nothing
                 out[name] = 0
+                if not getattr(channel, "is_open", True):  # AMQP closes it on a 404
+                    channel = conn.channel()
     return out
 
 

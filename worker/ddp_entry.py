@@ -11,24 +11,22 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from core.files import atomic_write_text
+from core.status import RunStatus
 from store import db, runs
+from store.runs import run_dir
 from trainer.sink import MetricSink, NullSink
 from trainer.spec import RunSpec
-from worker.sink import DbSink
-from worker.tasks import RESULT_FILE, error_text, run_dir
+from worker.sink import SPOOL_FILE, DbSink
+from worker.tasks import RESULT_FILE, error_text
 
 
 def _write_result(directory: Path, result: dict[str, Any]) -> None:
     """Atomically, so the task never reads half a file."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".result-", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(result, fh)
-    os.replace(tmp, directory / RESULT_FILE)
+    atomic_write_text(directory / RESULT_FILE, json.dumps(result), fsync=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,13 +44,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {run_id} not found", file=sys.stderr)
             return 1
         spec = RunSpec.model_validate(run.spec)
-    directory = run_dir(run_id)
+        directory = run_dir(run.uid or str(run.id))
 
     import trainer  # torch
 
     sink: MetricSink
     if rank == 0:
-        db_sink = DbSink(engine, run_id, spec, attempt=int(attempt) if attempt else None)
+        db_sink = DbSink(
+            engine,
+            run_id,
+            spec,
+            attempt=int(attempt) if attempt else None,
+            spool=directory / SPOOL_FILE,
+            # torchrun's agent: its tree holds every rank of the run.
+            sys_metrics=True,
+            sys_pid=os.getppid(),
+        )
         sink, should_stop = db_sink, db_sink.should_stop
     else:
         sink, should_stop = NullSink(), None
@@ -60,20 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.fit(spec, sink, run_dir=directory, resume=True, should_stop=should_stop)
     except Exception as exc:
         if rank == 0:
-            _write_result(directory, {"status": "failed", "error": error_text(exc)})
+            _write_result(directory, {"status": RunStatus.FAILED, "error": error_text(exc)})
         raise
     finally:
         sink.close()
     if rank == 0:
-        _write_result(
-            directory,
-            {
-                "status": result.status,
-                "error": result.error,
-                "diverged_step": result.diverged_step,
-                "summary": result.summary,
-            },
-        )
+        _write_result(directory, result.to_dict())
     return 0
 
 

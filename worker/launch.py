@@ -8,24 +8,29 @@ cold shutdown (stop now; the runs are re-queued by the reaper and resume from th
 last checkpoint). A child that dies on its own is restarted with a growing delay; one
 that keeps dying right after start (a broker that is down, a bad option) makes the
 supervisor give up and exit non-zero.
+
+Before any worker starts, ``prove_devices`` checks in a child process (so this one
+stays torch-free) that torch sees exactly the GPUs the workers are given: a worker
+pinned to a GPU that torch cannot use would otherwise train on the CPU unnoticed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from worker.gpus import WorkerPlan
+from worker.gpus import PROBE_MISMATCH, DeviceReport, WorkerPlan
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,33 @@ QUICK_EXIT_S = 10.0
 MAX_QUICK_EXITS = 5
 MAX_RESTART_DELAY_S = 30.0
 POLL_S = 0.2
+# Importing torch and reading the device properties; generous for a cold disk.
+PROBE_TIMEOUT_S = 180.0
+
+
+class DeviceCheckError(RuntimeError):
+    """The device probe itself failed (crashed, timed out), as opposed to a mismatch."""
+
+
+def prove_devices(
+    gpus: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = PROBE_TIMEOUT_S
+) -> DeviceReport:
+    """Probe with ``CUDA_VISIBLE_DEVICES`` set to ``gpus``, as the workers will be: one
+    probe covers every planned worker, since each sees a subset of these GPUs. The
+    report's ``error`` says what does not match; DeviceCheckError if no report came."""
+    child_env = {**(os.environ if env is None else env), "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
+    command = [sys.executable, "-m", "worker.gpus", "--expect", ",".join(gpus)]
+    try:
+        out = subprocess.run(
+            command, env=child_env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as err:
+        raise DeviceCheckError(f"the device probe took more than {timeout:.0f} s") from err
+    lines = out.stdout.strip().splitlines()
+    if out.returncode not in (0, PROBE_MISMATCH) or not lines:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]  # the exception
+        raise DeviceCheckError(f"the device probe failed (exit {out.returncode}): {tail}")
+    return DeviceReport.from_dict(json.loads(lines[-1]))
 
 
 def worker_command(plan: WorkerPlan, *, loglevel: str = "info", pool: str = "prefork") -> list[str]:

@@ -12,21 +12,31 @@ The broker cannot be relied on for this: the SQLite transport forgets a message 
 killed worker had taken, and Redis only hands it out again after its visibility timeout.
 A re-sent message for a run that has meanwhile restarted is skipped by the task.
 
-Torch-free: the API server calls this every 10 s, each worker once at start.
+A run can also be stranded while ``queued``: its message is lost with a broker that
+keeps nothing on disk (Redis without AOF killed, its data deleted). ``reconcile_queued``
+re-sends the message of a run queued longer than ``Settings.resend_after_s`` that has
+none in flight (``worker.inflight``). A duplicate is harmless: ``store.runs.claim`` is a
+compare-and-set queued -> running, so only one delivery of a run ever trains it.
+
+Torch-free: the API server calls both every 10 s; each worker reaps once at start.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from core.settings import get_settings
+from core.status import RunStatus
 from store import db, runs
-from store.models import Run, utcnow
+from store.models import Run
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +46,6 @@ MAX_ATTEMPTS = 2
 Enqueue = Callable[[int, Any], Any]
 
 
-def _last_sign() -> Any:
-    return sa.func.coalesce(Run.heartbeat_at, Run.started_at, Run.created_at)
-
-
-def _take(s: Any, run_id: int, older_than_s: float, status: str) -> bool:
-    """Move a still-stale running run to ``status``; False if someone else got there.
-
-    A conditional UPDATE, so two reapers (the API and a starting worker) never both
-    re-queue one run, and a run whose heartbeat resumed in the meantime is left alone.
-    """
-    cutoff = utcnow() - timedelta(seconds=older_than_s)
-    result = s.execute(
-        sa.update(Run)
-        .where(Run.id == run_id, Run.status == "running", _last_sign() < cutoff)
-        .values(status=status)
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1
-
-
 def reap_stale(
     engine: Engine,
     *,
@@ -63,12 +53,14 @@ def reap_stale(
     max_attempts: int = MAX_ATTEMPTS,
     enqueue: Enqueue | None = None,
     celery_app: Any = None,
+    now: datetime | None = None,
 ) -> list[int]:
     """Re-queue (or fail, past ``max_attempts``) runs silent for ``older_than_s``.
 
     Returns the ids of the runs it re-queued or failed. ``enqueue(run_id, spec)`` sends
     the message; by default ``worker.celery_app.enqueue`` on ``celery_app`` (default: the
-    environment's broker).
+    environment's broker). ``now`` is the time silence is measured at (default: the
+    current time; tests pass a later one instead of sleeping).
     """
     if older_than_s <= 0:
         raise ValueError(f"older_than_s: must be > 0, got {older_than_s}")
@@ -79,39 +71,41 @@ def reap_stale(
     with db.session(engine) as s:
         stale = [
             (r.id, r.attempts or 0, r.worker, r.host, r.heartbeat_at)
-            for r in runs.stale_runs(s, older_than_s)
+            for r in runs.stale_runs(s, older_than_s, now=now)
         ]
     reaped: list[int] = []
     for run_id, attempts, worker, host, last_beat in stale:
         where = f"worker {worker or '?'} on {host or '?'}"
+        # Each store call below is a compare-and-set on a still-silent running run, so two
+        # reapers (the API and a starting worker) never both act on one run, and a run
+        # whose heartbeat resumed meanwhile is left alone.
         if attempts >= max_attempts:
+            error = (
+                f"WorkerLost: no heartbeat for over {older_than_s:g} s from {where}; "
+                f"gave up after {attempts} attempts"
+            )
             with db.session(engine) as s:
-                if not _take(s, run_id, older_than_s, "failed"):
+                if not runs.reap(s, run_id, older_than_s, fail_with=error, now=now):
                     continue
-                runs.mark_finished(
-                    s,
-                    run_id,
-                    "failed",
-                    error=f"WorkerLost: no heartbeat for over {older_than_s:g} s from {where}; "
-                    f"gave up after {attempts} attempts",
-                )
             log.warning("run %s: %s went silent; failed after %s attempts", run_id, where, attempts)
             reaped.append(run_id)
             continue
         with db.session(engine) as s:
-            if not _take(s, run_id, older_than_s, "queued"):
+            if not runs.reap(s, run_id, older_than_s, now=now):
                 continue
-            runs.requeue(s, run_id)
             spec_dict = dict(runs.get_run(s, run_id).spec)  # type: ignore[union-attr]
         try:
             spec = RunSpec.model_validate(spec_dict)
         except ValueError as exc:
             with db.session(engine) as s:
-                runs.mark_finished(s, run_id, "failed", error=f"invalid spec on retry: {exc}")
+                runs.mark_finished(
+                    s, run_id, RunStatus.FAILED, error=f"invalid spec on retry: {exc}"
+                )
             reaped.append(run_id)
             continue
         if not _send(engine, run_id, spec, enqueue, celery_app, last_beat):
             continue
+        _note_sent(engine, run_id, now)
         log.warning("run %s: %s went silent; re-queued (attempt %s)", run_id, where, attempts + 1)
         reaped.append(run_id)
     return reaped
@@ -140,10 +134,142 @@ def _send(
     except Exception:
         log.warning("run %s: could not re-send; will retry", run_id, exc_info=True)
         with db.session(engine) as s:
-            s.execute(
-                sa.update(Run)
-                .where(Run.id == run_id, Run.status == "queued")
-                .values(status="running", heartbeat_at=last_beat)
-                .execution_options(synchronize_session=False)
-            )
+            runs.undo_requeue(s, run_id, heartbeat_at=last_beat)
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# Queued runs whose message was lost
+
+# When this process last sent each run's message (keyed by database URL and run id): a
+# re-queued run's created_at is old, and a transport that cannot list its messages would
+# otherwise get a new copy at every pass. Lost on restart, which costs one duplicate.
+_sent_at: dict[tuple[str, int], datetime] = {}
+_sent_lock = threading.Lock()
+_last: dict[str, ReconcileReport] = {}
+
+
+def _note_sent(engine: Engine, run_id: int, now: datetime | None) -> None:
+    with _sent_lock:
+        _sent_at[(str(engine.url), run_id)] = now or datetime.now(UTC)
+
+
+@dataclass
+class ReconcileReport:
+    """One pass: the database's queued runs against the broker's messages."""
+
+    at: datetime
+    queued_runs: int
+    broker_messages: int | None = None  # waiting in the run's queues; None: broker down
+    exact: bool = False  # the transport listed which runs its messages are for
+    missing: list[int] = field(default_factory=list)  # queued past the bound, no message
+    resent: list[int] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at.isoformat(),
+            "queued_runs": self.queued_runs,
+            "broker_messages": self.broker_messages,
+            "exact": self.exact,
+            "missing": self.missing,
+            "resent": self.resent,
+            "error": self.error,
+        }
+
+
+def last_report(engine: Engine) -> ReconcileReport | None:
+    """The latest pass of this process over ``engine``'s runs (None: none yet)."""
+    return _last.get(str(engine.url))
+
+
+def reconcile_queued(
+    engine: Engine,
+    *,
+    after_s: float | None = None,
+    enqueue: Enqueue | None = None,
+    celery_app: Any = None,
+    now: datetime | None = None,
+) -> ReconcileReport:
+    """Re-send runs queued for ``after_s`` (default ``Settings.resend_after_s``) with no
+    message in flight, nor one sent by this process within ``after_s``.
+
+    Where the transport lists its messages (Redis, SQLite), a run is missing when no
+    message names it. Where it only counts them (RabbitMQ), the runs of a queue holding
+    fewer messages than queued runs are all re-sent, once per ``after_s``; claim's
+    compare-and-set makes the extra copies no-ops.
+    """
+    from worker.celery_app import CPU_QUEUE, GPU_QUEUE
+    from worker.celery_app import app as default_app
+    from worker.inflight import in_flight
+
+    after_s = get_settings().resend_after_s if after_s is None else after_s
+    if after_s <= 0:
+        raise ValueError(f"after_s: must be > 0, got {after_s}")
+    now = now or datetime.now(UTC)
+    with db.session(engine) as s:
+        queued = s.execute(
+            sa.select(Run.id, Run.queue, Run.created_at).where(Run.status == RunStatus.QUEUED)
+        ).all()
+    report = ReconcileReport(at=now, queued_runs=len(queued))
+    _last[str(engine.url)] = report
+    queues = sorted({CPU_QUEUE, GPU_QUEUE} | {q for _, q, _ in queued if q})
+    try:
+        view = in_flight(celery_app or default_app, queues, recent_s=after_s)
+    except Exception as err:  # broker down: nothing can be sent now anyway
+        report.error = f"{type(err).__name__}: {err}"[:300]
+        log.warning("reconcile: could not read the broker: %s", report.error)
+        return report
+    report.broker_messages, report.exact = view.total, view.run_ids is not None
+
+    cutoff = now - timedelta(seconds=after_s)
+    with _sent_lock:
+        for key in [k for k, at in _sent_at.items() if at <= cutoff]:
+            del _sent_at[key]  # past the bound they no longer hold a run back
+        recent = {rid for (url, rid) in _sent_at if url == str(engine.url)}
+    per_queue: dict[str, int] = {}
+    for _, queue, _ in queued:
+        per_queue[queue or CPU_QUEUE] = per_queue.get(queue or CPU_QUEUE, 0) + 1
+    for run_id, queue, created_at in queued:
+        if created_at > cutoff or run_id in recent:
+            continue
+        if view.run_ids is not None:
+            if run_id in view.run_ids:
+                continue
+        elif view.counts.get(queue or CPU_QUEUE, 0) >= per_queue[queue or CPU_QUEUE]:
+            continue
+        report.missing.append(run_id)
+    for run_id in report.missing:
+        if _resend(engine, run_id, enqueue, celery_app):
+            _note_sent(engine, run_id, now)
+            report.resent.append(run_id)
+    if report.resent:
+        log.warning("reconcile: re-sent the lost messages of queued runs %s", report.resent)
+    return report
+
+
+def _resend(engine: Engine, run_id: int, enqueue: Enqueue | None, celery_app: Any) -> bool:
+    from trainer.spec import RunSpec
+
+    with db.session(engine) as s:
+        run = runs.get_run(s, run_id)
+        if run is None or run.status != RunStatus.QUEUED:
+            return False  # claimed, cancelled or deleted since the read
+        spec_dict = dict(run.spec)
+    try:
+        spec = RunSpec.model_validate(spec_dict)
+    except ValueError as exc:
+        with db.session(engine) as s:
+            runs.mark_finished(s, run_id, RunStatus.FAILED, error=f"invalid spec on re-send: {exc}")
+        return False
+    try:
+        if enqueue is not None:
+            enqueue(run_id, spec)
+        else:
+            from worker.celery_app import enqueue as send
+
+            send(run_id, spec, celery_app=celery_app, engine=engine)
+        return True
+    except Exception:
+        log.warning("run %s: could not re-send; will retry", run_id, exc_info=True)
         return False

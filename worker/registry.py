@@ -18,11 +18,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from store import db, runs
-from store.models import Run
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +52,7 @@ class WorkerRegistry:
         with db.session(self.engine) as s:
             # The run this worker trains is the one the task marked with its name; with a
             # prefork pool the task lives in a child process, so ask the database.
-            active = s.scalar(
-                sa.select(Run.id)
-                .where(Run.status == "running", Run.worker == self.name)
-                .order_by(Run.id.desc())
-                .limit(1)
-            )
+            active = runs.running_run_of(s, self.name)
             runs.record_worker(
                 s,
                 name=self.name,
@@ -87,9 +80,10 @@ _registry: WorkerRegistry | None = None
 
 
 def on_worker_ready(sender: Any = None, **_: Any) -> None:
-    """Worker main process, once consuming: migrate, reap stale runs, prune the SQLite
-    broker, start beating. Each chore that fails is logged and skipped: the database
-    may be starting too, and tasks retry their claim until it answers."""
+    """Worker main process, once consuming: migrate, reap stale runs, remove the folders
+    of deleted runs, prune the SQLite broker, start beating. Each chore that fails is
+    logged and skipped: the database may be starting too, and tasks retry their claim
+    until it answers."""
     global _registry
     from worker.celery_app import app, prune_delivered
     from worker.recovery import reap_stale
@@ -98,6 +92,7 @@ def on_worker_ready(sender: Any = None, **_: Any) -> None:
     chores = (
         ("migrating the database", lambda: db.migrate(engine)),
         ("reaping stale runs", lambda: reap_stale(engine)),
+        ("removing folders of deleted runs", lambda: prune_orphans(engine)),
         ("pruning the SQLite broker", lambda: prune_delivered(str(app.conf.broker_url))),
     )
     for what, chore in chores:
@@ -112,6 +107,13 @@ def on_worker_ready(sender: Any = None, **_: Any) -> None:
     queues = sorted(q.name for q in sender.task_consumer.queues) if sender is not None else []
     _registry = WorkerRegistry(engine, name, queues)
     _registry.start()
+
+
+def prune_orphans(engine: Engine) -> list[str]:
+    """Folders under runs/ whose run is gone: the API deletes a run's folder only on its
+    own disk, so each worker clears its own at start."""
+    with db.session(engine) as s:
+        return runs.prune_orphan_run_dirs(s)
 
 
 def on_worker_shutdown(**_: Any) -> None:

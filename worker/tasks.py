@@ -5,7 +5,7 @@ so a worker's main process stays small and forks its pool children without torch
 threads in them.
 
 Life of a delivery:
-1. claim: switch the run ``queued -> running`` in one conditional UPDATE. Anything else
+1. claim: ``store.runs.claim`` switches the run ``queued -> running``. Anything else
    (already running elsewhere, finished, cancelled while queued, deleted) means this
    message is a duplicate or obsolete: acknowledge and do nothing.
 2. train: ``trainer.fit`` in this process with a ``DbSink``, or, for ``spec.nproc > 1``,
@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -34,14 +36,16 @@ from celery import signals
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 
-from store import config as store_config
+from core.errors import format_validation_error
+from core.status import FINAL_STATUSES, RunStatus
 from store import db, metrics, runs
-from store.models import Run
+from store.runs import run_dir
 from trainer.spec import RunSpec
 from worker import registry
 from worker.celery_app import TASK_NAME, app
 from worker.launch import die_with_parent
-from worker.sink import DbSink, RunMonitor
+from worker.runlog import RunLogWriter, capture, pump
+from worker.sink import SPOOL_FILE, DbSink, RunMonitor
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +54,33 @@ DDP_LOG_FILE = "ddp.log"
 # After a cancel, how long torchrun's processes get to stop on their own.
 DDP_CANCEL_GRACE_S = 30.0
 CLAIM_RETRY_S = 5.0
+# How long the task retries storing spooled points before it gives the final status.
+SPOOL_REPLAY_S = 10.0
 
 signals.worker_ready.connect(registry.on_worker_ready, weak=False)
 signals.worker_shutdown.connect(registry.on_worker_shutdown, weak=False)
 signals.worker_process_init.connect(registry.on_process_init, weak=False)
+
+# Set when Celery begins a cold shutdown (a second SIGTERM, or SIGQUIT): it interrupts the
+# task where it runs (with the solo pool, as an exception raised inside the training), and
+# that is no failure of the run: the attempt ends unrecorded, like a kill -9, and the reaper
+# re-queues the run from its checkpoint.
+cold_shutdown = threading.Event()
+
+
+def _on_shutting_down(how: str = "", **_: Any) -> None:
+    if str(how).lower() == "cold":
+        cold_shutdown.set()
+
+
+signals.worker_shutting_down.connect(_on_shutting_down, weak=False)
 
 
 @dataclass
 class Outcome:
     """How one attempt ended, as ``mark_finished`` takes it."""
 
-    status: str
+    status: RunStatus
     error: str | None = None
     diverged_step: int | None = None
     summary: dict[str, Any] | None = field(default=None)
@@ -74,11 +94,7 @@ class InvalidSpec(ValueError):
 class Claim:
     spec: RunSpec
     attempt: int
-
-
-def run_dir(run_id: int) -> Path:
-    """Where a run's checkpoint lives: ``$BATCHLAB_HOME/runs/<id>`` (shared by attempts)."""
-    return store_config.home() / "runs" / str(run_id)
+    uid: str  # names the run's folder (store.runs.run_dir)
 
 
 def error_text(exc: BaseException) -> str:
@@ -127,43 +143,44 @@ def execute(engine: Engine, run_id: int, *, worker: str, task_id: str | None = N
         raise ClaimFailed(error_text(exc)) from exc
     except InvalidSpec as exc:
         with db.session(engine) as s:
-            runs.mark_finished(s, run_id, "failed", error=str(exc))
-        return "failed"
+            runs.mark_finished(s, run_id, RunStatus.FAILED, error=str(exc))
+        return RunStatus.FAILED
     if claim is None:
         return "skipped"
-    directory = run_dir(run_id)
+    directory = run_dir(claim.uid)
+    # The run's log (stdout / stderr of the training, warnings, a failure's traceback),
+    # stored before the final status so a failed run's page finds it.
+    runlog = RunLogWriter(engine, run_id)
+    runlog.write_line("log", f"attempt {claim.attempt} on {worker}")
     try:
         if claim.spec.nproc > 1:
-            outcome = _train_ddp(engine, run_id, claim, directory)
+            outcome = _train_ddp(engine, run_id, claim, directory, runlog)
         else:
-            outcome = _train_inline(engine, run_id, claim, directory)
+            outcome = _train_inline(engine, run_id, claim, directory, runlog)
     except Exception as exc:
-        log.exception("run %s failed", run_id)
-        outcome = Outcome("failed", error=error_text(exc))
+        if cold_shutdown.is_set():
+            log.warning("run %s interrupted by the worker's cold shutdown (%s)", run_id, exc)
+            runlog.write_line("log", "interrupted: the worker was stopped (cold shutdown)")
+            outcome = None
+        else:
+            log.exception("run %s failed", run_id)
+            runlog.write_line("error", traceback.format_exc())
+            outcome = Outcome(RunStatus.FAILED, error=error_text(exc))
+    finally:
+        runlog.close()
     if outcome is None:
+        if cold_shutdown.is_set():
+            return "interrupted"  # still running: the reaper re-queues it from its checkpoint
         log.warning("run %s was taken from this worker; not recording an outcome", run_id)
         return "lost"
-    _finish(engine, run_id, claim.attempt, outcome)
+    outcome = _store_spooled(engine, run_id, directory, outcome)
+    _finish(engine, run_id, claim.attempt, outcome, directory)
     return outcome.status
 
 
 def _claim(engine: Engine, run_id: int, *, worker: str, task_id: str | None) -> Claim | None:
     with db.session(engine) as s:
-        taken = s.execute(
-            sa.update(Run)
-            .where(Run.id == run_id, Run.status == "queued")
-            .values(status="running")
-            .execution_options(synchronize_session=False)
-        )
-        if taken.rowcount != 1:
-            run = runs.get_run(s, run_id)
-            log.info(
-                "run %s: %s, not queued; skipping this delivery",
-                run_id,
-                "deleted" if run is None else run.status,
-            )
-            return None
-        runs.mark_running(
+        run = runs.claim(
             s,
             run_id,
             host=socket.gethostname(),
@@ -171,42 +188,72 @@ def _claim(engine: Engine, run_id: int, *, worker: str, task_id: str | None) -> 
             worker=worker,
             task_id=task_id,
         )
-        run = runs.get_run(s, run_id)
-        assert run is not None
-        spec_dict, attempt = dict(run.spec), run.attempts
+        if run is None:
+            current = runs.get_run(s, run_id)
+            log.info(
+                "run %s: %s, not queued; skipping this delivery",
+                run_id,
+                "deleted" if current is None else current.status,
+            )
+            return None
+        spec_dict, attempt, uid = dict(run.spec), run.attempts, run.uid or str(run.id)
     try:
         spec = RunSpec.model_validate(spec_dict)
     except ValidationError as exc:
-        fields = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise InvalidSpec(f"invalid spec: {fields}") from exc
+        raise InvalidSpec(f"invalid spec: {format_validation_error(exc)}") from exc
     log.info("run %s: attempt %s on %s", run_id, attempt, worker)
-    return Claim(spec, attempt)
+    return Claim(spec, attempt, uid)
 
 
-def _finish(engine: Engine, run_id: int, attempt: int, outcome: Outcome) -> None:
+def _store_spooled(engine: Engine, run_id: int, directory: Path, outcome: Outcome) -> Outcome:
+    """Replay the points this attempt spooled (the database refused them) before the
+    final status: a run never ends with points missing. Still refused: the run fails,
+    saying how many (the spool is kept; a requeue replays it). A database that is still
+    down fails the status write too; the run stays running and the reaper resumes it."""
+    path = directory / SPOOL_FILE
+    if not path.exists():
+        return outcome
+    writer = metrics.MetricWriter(engine, run_id, spool=path, close_timeout=SPOOL_REPLAY_S)
+    try:
+        writer.close()
+    except metrics.MetricWriteError as exc:
+        log.error("run %s: spooled points still not stored: %s", run_id, exc)
+        return Outcome(
+            RunStatus.FAILED,
+            error=f"{writer.pending} metric points could not be stored (kept in {path}; "
+            "requeue the run to store them)",
+            summary=outcome.summary,
+        )
+    return outcome
+
+
+def _finish(
+    engine: Engine, run_id: int, attempt: int, outcome: Outcome, directory: Path | None = None
+) -> None:
     with db.session(engine) as s:
-        run = runs.get_run(s, run_id)
-        if run is None:
-            log.info("run %s was deleted while training", run_id)
-            return
-        if run.status != "running" or run.attempts != attempt:
-            log.warning(
-                "run %s is %s (attempt %s) now; not ours to finish",
-                run_id,
-                run.status,
-                run.attempts,
-            )
-            return
-        runs.mark_finished(
+        finished = runs.mark_finished(
             s,
             run_id,
             outcome.status,
+            attempt=attempt,
             error=outcome.error,
             diverged_step=outcome.diverged_step,
             summary=outcome.summary,
         )
+        if not finished:
+            run = runs.get_run(s, run_id)
+            if run is None:
+                log.info("run %s was deleted while training", run_id)
+                if directory is not None:  # what it wrote after the API removed the folder
+                    shutil.rmtree(directory, ignore_errors=True)
+            else:
+                log.warning(
+                    "run %s is %s (attempt %s) now; not ours to finish",
+                    run_id,
+                    run.status,
+                    run.attempts,
+                )
+            return
     try:  # only a speed-up for later reads; the API's maintenance loop retries
         metrics.build_overviews(engine, run_id)
     except Exception:
@@ -215,31 +262,41 @@ def _finish(engine: Engine, run_id: int, attempt: int, outcome: Outcome) -> None
 
 def _outcome(result: Any) -> Outcome:
     """A ``trainer.FitResult`` (or its dict from ddp_entry) as an Outcome."""
-    get = result.get if isinstance(result, dict) else lambda k: getattr(result, k, None)
+    get = (result if isinstance(result, dict) else result.to_dict()).get
     status = get("status")
     error = get("error")
-    if status not in ("succeeded", "diverged", "cancelled", "failed"):
-        return Outcome("failed", error=f"trainer returned status {status!r}")
+    if status not in FINAL_STATUSES:
+        return Outcome(RunStatus.FAILED, error=f"trainer returned status {status!r}")
     return Outcome(
-        status,
+        RunStatus(status),
         error=str(error) if error else None,
         diverged_step=get("diverged_step"),
         summary=get("summary"),
     )
 
 
-def _train_inline(engine: Engine, run_id: int, claim: Claim, directory: Path) -> Outcome | None:
-    sink = DbSink(engine, run_id, claim.spec, attempt=claim.attempt)
+def _train_inline(
+    engine: Engine, run_id: int, claim: Claim, directory: Path, runlog: RunLogWriter
+) -> Outcome | None:
+    sink = DbSink(
+        engine,
+        run_id,
+        claim.spec,
+        attempt=claim.attempt,
+        spool=directory / SPOOL_FILE,
+        sys_metrics=True,
+    )
     try:
-        import trainer  # torch: only here, in the process that trains
+        with capture(runlog):
+            import trainer  # torch: only here, in the process that trains
 
-        result = trainer.fit(
-            claim.spec,
-            sink,
-            run_dir=directory,
-            resume=True,
-            should_stop=sink.should_stop,
-        )
+            result = trainer.fit(
+                claim.spec,
+                sink,
+                run_dir=directory,
+                resume=True,
+                should_stop=sink.should_stop,
+            )
     finally:
         sink.close()
         _release_gpu_memory()
@@ -270,11 +327,14 @@ def ddp_command(run_id: int, nproc: int) -> list[str]:
     ]
 
 
-def _train_ddp(engine: Engine, run_id: int, claim: Claim, directory: Path) -> Outcome | None:
+def _train_ddp(
+    engine: Engine, run_id: int, claim: Claim, directory: Path, runlog: RunLogWriter
+) -> Outcome | None:
     """Run torchrun and wait; this process heartbeats while ranks start up.
 
     Rank 0 writes points, progress and ``result.json``; on a cancel the ranks stop by
-    themselves (they poll the same flag), and are terminated if they do not.
+    themselves (they poll the same flag), and are terminated if they do not. Every
+    rank's output comes through one pipe into the run's log and ``ddp.log``.
     """
     directory.mkdir(parents=True, exist_ok=True)
     result_path = directory / RESULT_FILE
@@ -287,21 +347,27 @@ def _train_ddp(engine: Engine, run_id: int, claim: Claim, directory: Path) -> Ou
             proc = subprocess.Popen(
                 ddp_command(run_id, claim.spec.nproc),
                 env=env,
-                stdout=log_fh,
+                stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 # Its own group, so a hung torchrun goes with all its ranks; and it dies
                 # with this process rather than train on as an orphan.
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
+            assert proc.stdout is not None
+            reader = threading.Thread(
+                target=pump, args=(proc.stdout, runlog, log_fh), name=f"run-{run_id}-ddp-out"
+            )
+            reader.start()
             _wait_ddp(proc, monitor)
+            reader.join(timeout=10)  # the pipe ends with the last rank
     finally:
         monitor.close()
     if monitor.lost:
         return None
     if result_path.exists():
         return _outcome(json.loads(result_path.read_text()))
-    return Outcome("failed", error=_ddp_error(proc.returncode, log_path))
+    return Outcome(RunStatus.FAILED, error=_ddp_error(proc.returncode, log_path))
 
 
 def _wait_ddp(proc: subprocess.Popen[bytes], monitor: RunMonitor) -> None:
