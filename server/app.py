@@ -16,18 +16,26 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import sqlalchemy.exc
-from fastapi import FastAPI, Request, status
+from fastapi import FastAPI
 from fastapi.middleware.gzip import GZipMiddleware
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from server import routes_meta, routes_runs, routes_sweeps, sse
-from server.deps import Context, Settings
-from server.static import mount_frontend
-from server.submit import QueueUnavailable
+from core.settings import get_settings, split_hosts
+from server import (
+    middleware,
+    routes_logs,
+    routes_manage,
+    routes_meta,
+    routes_runs,
+    routes_sweeps,
+    sse,
+)
+from server.deps import Context
+from server.errors import add_error_handlers, document_errors
+from server.hub import HubRegistry
+from server.readcache import PollCache
+from server.static import mount_api_docs, mount_frontend
 from store import db
-from store.runs import RunNotFound
 
 log = logging.getLogger("batchlab.server")
 
@@ -36,21 +44,36 @@ REAP_INTERVAL_S = 10.0
 
 DESCRIPTION = """Queue and compare large-minibatch trainings (Goyal et al. 2017).
 Writes (POST, DELETE) need `Authorization: Bearer TOKEN` when the server has
-`BATCHLAB_TOKEN` set; reads and `POST /api/schedule` stay open. See docs/api.md."""
+`BATCHLAB_TOKEN` set; reads and `POST /api/schedule` stay open. Requests need a known
+Host (`BATCHLAB_ALLOWED_HOSTS`), browsers' writes must come from the server's own origin,
+and bodies are at most `BATCHLAB_MAX_BODY_BYTES` (1 MiB). See docs/api.md."""
 
 
 def create_app(
-    database_url: str | None = None, broker_url: str | None = None, token: str | None = None
+    database_url: str | None = None,
+    broker_url: str | None = None,
+    token: str | None = None,
+    bind_host: str | None = None,
 ) -> FastAPI:
-    """The batchlab API for one database and one broker."""
+    """The batchlab API for one database and one broker.
+
+    ``bind_host``: the interface the server listens on (``batchlab api --host``), accepted
+    as a Host header besides ``Settings.allowed_hosts``.
+    """
     from worker.celery_app import make_app
 
-    settings = Settings.resolve(database_url, broker_url, token)
+    # Explicit arguments win over the BATCHLAB_* environment (core.settings).
+    settings = get_settings().override(
+        database_url=database_url, broker_url=broker_url, token=token
+    )
+    settings = settings.override(allowed_hosts=settings.allowed_hosts + split_hosts(bind_host))
     ctx = Context(
         settings=settings,
         engine=db.get_engine(settings.database_url),
         celery=make_app(settings.broker_url),
     )
+    # One poller per streamed run, shared by its streams (server.hub).
+    hubs = HubRegistry(max_streams=settings.max_streams)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -67,44 +90,38 @@ def create_app(
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await hubs.close()
 
     app = FastAPI(
         title="batchlab",
         version=routes_meta.VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # /docs and /redoc come from server.static with their assets served locally.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.ctx = ctx
+    app.state.hubs = hubs
     # Metric histories are long numeric arrays: gzip shrinks them ~3x. SSE is exempt
     # (Starlette's GZipMiddleware skips text/event-stream, which must not be buffered).
     # Level 1: a 3 MB metrics answer compresses in ~30 ms instead of ~300 ms at level 9,
     # for a reply about 5% larger.
+    # Innermost: the runs list and run rows pollers ask for, shared for 0.5 s; writes
+    # void it (server.readcache).
+    app.add_middleware(PollCache)
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=1)
-    for router in (routes_runs.router, sse.router, routes_sweeps.router, routes_meta.router):
+    # Outside gzip: unknown Hosts, cross-site writes and oversized bodies are refused
+    # before any route or body parsing runs (server.middleware).
+    middleware.install(app, hosts=settings.allowed_hosts, max_body_bytes=settings.max_body_bytes)
+    routers = (routes_runs, routes_manage, routes_logs, sse, routes_sweeps, routes_meta)
+    for router in (r.router for r in routers):
         app.include_router(router)
-    _add_error_handlers(app)
+    add_error_handlers(app)
+    document_errors(app, token_required=settings.token is not None)
+    mount_api_docs(app)
     mount_frontend(app)
     return app
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(QueueUnavailable)
-    async def _queue_down(_req: Request, exc: QueueUnavailable) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
-
-    @app.exception_handler(RunNotFound)
-    async def _gone(_req: Request, exc: RunNotFound) -> JSONResponse:
-        # A run deleted between a route's lookup and its update.
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
-
-    @app.exception_handler(sqlalchemy.exc.OperationalError)
-    @app.exception_handler(sqlalchemy.exc.InterfaceError)
-    async def _db_down(_req: Request, exc: sqlalchemy.exc.DBAPIError) -> JSONResponse:
-        log.error("database error: %s", exc)
-        return JSONResponse(
-            {"detail": f"database unavailable: {type(exc.orig).__name__}: {exc.orig}"[:500]},
-            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        )
 
 
 async def _try_migrate(ctx: Context) -> None:
@@ -147,8 +164,9 @@ def _build_missing_overviews(ctx: Context) -> None:
 
 
 async def _maintenance(ctx: Context) -> None:
-    """Every REAP_INTERVAL_S: finish migrating if needed, then reap stale runs."""
-    from worker.recovery import reap_stale
+    """Every REAP_INTERVAL_S: finish migrating if needed, reap stale runs, re-send queued
+    runs whose message was lost."""
+    from worker.recovery import reap_stale, reconcile_queued
 
     while True:
         if not ctx.migrated:
@@ -159,6 +177,14 @@ async def _maintenance(ctx: Context) -> None:
                 requeued = await run_in_threadpool(reap_stale, ctx.engine, enqueue=ctx.enqueue)
                 if requeued:
                     log.warning("re-queued or failed stale runs %s", requeued)
+                # Queued runs whose message the broker lost are sent again.
+                await run_in_threadpool(
+                    reconcile_queued,
+                    ctx.engine,
+                    after_s=ctx.settings.resend_after_s,
+                    enqueue=ctx.enqueue,
+                    celery_app=ctx.celery,
+                )
                 await run_in_threadpool(_build_missing_overviews, ctx)
             except Exception:  # the loop must survive a database hiccup
                 log.exception("reaping stale runs failed")

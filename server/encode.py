@@ -1,4 +1,5 @@
-"""JSON answers without NaN: JSON has no NaN or Infinity, and a diverged run logs both.
+"""JSON answers without NaN: JSON has no NaN or Infinity, and a diverged run logs both
+(``core.jsonsafe`` turns them into null).
 
 ``store.metrics`` already hands out series as parallel lists (``step``, ``epoch``,
 ``wall_time``, ``value``) with None for non-finite values, which the browser passes to
@@ -10,22 +11,9 @@ upstream is a 500, never a body that browsers' ``JSON.parse`` rejects.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Mapping
 from typing import Any
 
-from starlette.responses import Response
-
-
-def sanitize(obj: Any) -> Any:
-    """Recursively replace non-finite floats (summaries, run dicts) by None."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: sanitize(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [sanitize(v) for v in obj]
-    return obj
+from starlette.responses import JSONResponse
 
 
 def dumps(obj: Any) -> str:
@@ -33,8 +21,10 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
 
 
-class FastJSONResponse(Response):
-    """JSON answer for already-sanitized payloads: skips FastAPI's per-item encoder."""
+class FastJSONResponse(JSONResponse):
+    """JSON answer for already-sanitized payloads: skips FastAPI's per-item encoder.
+
+    A ``JSONResponse`` so that OpenAPI documents the route's model as its JSON answer."""
 
     media_type = "application/json"
 

@@ -1,4 +1,5 @@
-"""The planned LR schedule, the workers, and the service's health."""
+"""Previews that store nothing (the planned runs, the LR schedule), the workers, and the
+service's health."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ from typing import Any
 
 import anyio
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from server.deps import Context, get_ctx
+from core.status import RunStatus
+from server.deps import Context, CtxDep
 from server.encode import FastJSONResponse
-from server.schemas import HealthOut, SchedulePreview, WorkersOut
+from server.schemas import HealthOut, PlanOut, RunCreate, SchedulePreview, SweepCreate, WorkersOut
+from store import db
+from store import runs as store_runs
 from trainer.schedule import schedule_preview
 from trainer.spec import RunSpec
-from worker.celery_app import broker_lock
+from worker.celery_app import WORKER_STALE_S, broker_lock
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api", tags=["meta"])
@@ -45,8 +49,30 @@ def schedule(spec: RunSpec, max_points: int = Query(2000, ge=2, le=100_000)) -> 
     return schedule_preview(spec, max_points=max_points)
 
 
+# The runs a submit would create with the same body (stores nothing, no token).
+@router.post("/plan/run", response_model=PlanOut, summary="What POST /api/runs would create")
+def preview_run(body: RunCreate, ctx: CtxDep) -> PlanOut:
+    return PlanOut.of(body.plan(), _live_queues(ctx))
+
+
+@router.post("/plan/sweep", response_model=PlanOut, summary="What POST /api/sweeps would create")
+def preview_sweep(body: SweepCreate, ctx: CtxDep) -> PlanOut:
+    return PlanOut.of(body.plan(), _live_queues(ctx))
+
+
+def _live_queues(ctx: Context) -> set[str] | None:
+    """The queues live workers consume, for the plan's queue warnings; None (no queue
+    shown) when the database cannot say: a preview must not fail on it."""
+    try:
+        with db.session(ctx.engine) as s:
+            return store_runs.live_queues(s, seen_within_s=WORKER_STALE_S)
+    except sa.exc.SQLAlchemyError:
+        log.warning("plan preview: could not read the workers table", exc_info=True)
+        return None
+
+
 @router.get("/workers", response_model=WorkersOut, summary="Workers and queued messages")
-async def workers(ctx: Context = Depends(get_ctx)) -> Any:
+async def workers(ctx: CtxDep) -> Any:
     from worker.celery_app import inspect_workers
 
     return await run_in_threadpool(inspect_workers, ctx.engine, celery_app=ctx.celery)
@@ -68,7 +94,29 @@ def check_broker(ctx: Context) -> str:
     return "ok"
 
 
-async def _timed(check: Any, ctx: Context) -> str:
+def check_queues(ctx: Context) -> dict[str, Any]:
+    """Queued runs in the database against messages waiting in the broker; more runs than
+    messages (for longer than a delivery takes) means lost messages (worker.recovery)."""
+    from store.models import Run
+    from worker.celery_app import CPU_QUEUE, GPU_QUEUE, queue_lengths
+    from worker.recovery import last_report
+
+    with ctx.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(Run.queue, sa.func.count())
+            .where(Run.status == RunStatus.QUEUED)
+            .group_by(Run.queue)
+        ).all()
+    queues = sorted({CPU_QUEUE, GPU_QUEUE} | {q for q, _ in rows if q})
+    last = last_report(ctx.engine)
+    return {
+        "queued_runs": sum(int(n) for _, n in rows),
+        "broker_messages": sum(queue_lengths(queues, celery_app=ctx.celery).values()),
+        "reconcile": last.to_dict() if last else None,
+    }
+
+
+async def _timed(check: Any, ctx: Context) -> Any:
     try:
         with anyio.fail_after(CHECK_TIMEOUT_S):
             # abandon_on_cancel: stop waiting for a hung connect; the thread ends later.
@@ -85,7 +133,7 @@ async def _timed(check: Any, ctx: Context) -> str:
     summary="Database and broker reachability (503 when the database is down)",
     responses={503: {"model": HealthOut, "description": "The database does not answer."}},
 )
-async def health(ctx: Context = Depends(get_ctx)) -> Any:
+async def health(ctx: CtxDep) -> Any:
     database = await _timed(check_database, ctx)
     broker = await _timed(check_broker, ctx)
     db_ok = database == "ok"
@@ -96,4 +144,8 @@ async def health(ctx: Context = Depends(get_ctx)) -> Any:
         "version": VERSION,
         "auth": ctx.settings.token is not None,
     }
+    if db_ok and broker == "ok":
+        queues = await _timed(check_queues, ctx)
+        if isinstance(queues, dict):  # else an error text: the counts stay unknown
+            body.update(queues)
     return FastJSONResponse(body, status_code=200 if db_ok else 503)

@@ -3,30 +3,40 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
+from core.status import RunStatus
 from server import submit
-from server.auth import require_token
-from server.deps import Context, get_ctx
-from server.encode import FastJSONResponse, sanitize
+from server.auth import TokenFirstRoute, require_token
+from server.deps import (
+    MAX_ID,
+    ArchivedQuery,
+    Context,
+    CtxDep,
+    GroupIdQuery,
+    RunIdPath,
+    SearchQuery,
+    TagQuery,
+)
+from server.encode import FastJSONResponse
 from server.schemas import (
     BatchMetrics,
     RunCreate,
     RunCreated,
     RunMetrics,
     RunOut,
-    RunStatus,
     XAxis,
+    runs_out,
 )
 from store import db
 from store import metrics as store_metrics
 from store import runs as store_runs
 
-router = APIRouter(prefix="/api", tags=["runs"])
+router = APIRouter(prefix="/api", tags=["runs"], route_class=TokenFirstRoute)
 
 # What the run page plots when no keys are asked for.
 DEFAULT_KEYS = ("loss", "train_err", "lr", "val_loss", "val_err")
@@ -39,8 +49,8 @@ def not_found(run_id: int) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, f"run {run_id} not found")
 
 
-def run_dict(run: Any) -> dict[str, Any]:
-    return sanitize(store_runs.run_to_dict(run))
+def run_out(run: Any) -> RunOut:
+    return RunOut.model_validate(run)
 
 
 @router.post(
@@ -51,29 +61,34 @@ def run_dict(run: Any) -> dict[str, Any]:
     summary="Queue a run (and optionally its kn = ref_batch baseline)",
     responses={503: {"description": "The task queue (broker) is unreachable; nothing stored."}},
 )
-def create_run(body: RunCreate, ctx: Context = Depends(get_ctx)) -> Any:
-    return sanitize(submit.submit_run(ctx, body.spec, name=body.name, baseline=body.baseline))
+def create_run(body: RunCreate, ctx: CtxDep) -> Any:
+    return submit.submit_run(ctx, body.plan())
 
 
 @router.get("/runs", response_model=list[RunOut], summary="Runs, newest first")
 def list_runs(
-    status_: RunStatus | None = Query(None, alias="status"),
-    group: int | None = Query(None, description="Only runs of this sweep/compare group."),
+    ctx: CtxDep,
+    status_: Annotated[RunStatus | None, Query(alias="status")] = None,
+    group: GroupIdQuery = None,
     limit: int = Query(500, ge=1, le=5000),
-    ctx: Context = Depends(get_ctx),
+    archived: ArchivedQuery = "hide",
+    q: SearchQuery = None,
+    tag: TagQuery = None,
 ) -> Any:
     with db.session(ctx.engine) as s:
-        rows = store_runs.list_runs(s, status=status_, group_id=group, limit=limit)
-        return [run_dict(r) for r in rows]
+        rows = store_runs.list_runs(
+            s, status=status_, group_id=group, limit=limit, archived=archived, q=q, tag=tag
+        )
+        return runs_out(s, rows)
 
 
-@router.get("/runs/{run_id}", response_model=RunOut, summary="One run")
-def get_run(run_id: int, ctx: Context = Depends(get_ctx)) -> Any:
+@router.get("/runs/{run_id:run}", response_model=RunOut, summary="One run")
+def get_run(run_id: RunIdPath, ctx: CtxDep) -> Any:
     with db.session(ctx.engine) as s:
         run = store_runs.get_run(s, run_id)
         if run is None:
             raise not_found(run_id)
-        return run_dict(run)
+        return runs_out(s, [run])[0]
 
 
 @router.post(
@@ -82,29 +97,29 @@ def get_run(run_id: int, ctx: Context = Depends(get_ctx)) -> Any:
     dependencies=[Depends(require_token)],
     summary="Cancel: a queued run at once, a running one at its next check (about 1 s)",
 )
-def cancel_run(run_id: int, ctx: Context = Depends(get_ctx)) -> Any:
+def cancel_run(run_id: RunIdPath, ctx: CtxDep) -> Any:
     with db.session(ctx.engine) as s:
         run = store_runs.request_cancel(s, run_id)
         if run is None:
             raise not_found(run_id)
-        return run_dict(run)
+        return run_out(run)
 
 
 @router.delete(
-    "/runs/{run_id}",
+    "/runs/{run_id:run}",
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[Depends(require_token)],
     summary="Delete a run and its metrics (a running run is cancelled first)",
 )
-def delete_run(run_id: int, ctx: Context = Depends(get_ctx)) -> Response:
+def delete_run(run_id: RunIdPath, ctx: CtxDep) -> Response:
     with db.session(ctx.engine) as s:
         run = store_runs.get_run(s, run_id)
-        if run is None:
+        uid = run.uid if run is not None else None
+        if not store_runs.delete_run(s, run_id):
             raise not_found(run_id)
-        if run.status in ("queued", "running"):
-            # The worker polls the cancel flag; it then finds the run gone and stops.
-            store_runs.request_cancel(s, run_id)
-        store_runs.delete_run(s, run_id)
+    # Its checkpoint and files go with it, once the row is gone for good (a worker still
+    # training it stops at its next poll and removes what it writes meanwhile).
+    store_runs.remove_run_dir(uid)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -127,6 +142,8 @@ def parse_ids(runs: str) -> list[int]:
         raise query_error("runs", "comma-separated run ids expected, e.g. 1,2,3", runs) from None
     if not ids or len(ids) > MAX_BATCH_RUNS:
         raise query_error("runs", f"between 1 and {MAX_BATCH_RUNS} run ids", runs)
+    if not all(1 <= i <= MAX_ID for i in ids):
+        raise query_error("runs", f"run ids are between 1 and {MAX_ID}", runs)
     return ids
 
 
@@ -158,13 +175,13 @@ def read_run_series(
     summary="Downsampled metric histories of one run (MinMaxLTTB, last point kept)",
 )
 def run_metrics(
-    run_id: int,
+    ctx: CtxDep,
+    run_id: RunIdPath,
     keys: str | None = Query(None, description=f"Comma-separated; default {DEFAULT_KEYS}."),
     x: XAxis = "step",
     max_points: int = Query(2000, ge=2, le=100_000),
-    x_min: float | None = None,
-    x_max: float | None = None,
-    ctx: Context = Depends(get_ctx),
+    x_min: float | None = Query(None, allow_inf_nan=False),
+    x_max: float | None = Query(None, allow_inf_nan=False),
 ) -> Any:
     key_list = parse_keys(keys)
     with db.session(ctx.engine) as s:
@@ -181,11 +198,11 @@ def run_metrics(
     summary="Downsampled histories of several runs at once (the compare view)",
 )
 async def batch_metrics(
+    ctx: CtxDep,
     runs: str = Query(..., description="Comma-separated run ids, e.g. 1,2,3."),
     keys: str | None = Query(None, description=f"Comma-separated; default {DEFAULT_KEYS}."),
     x: XAxis = "step",
     max_points: int = Query(2000, ge=2, le=100_000),
-    ctx: Context = Depends(get_ctx),
 ) -> Any:
     ids = parse_ids(runs)
     key_list = parse_keys(keys)

@@ -2,20 +2,39 @@
 
 Request models embed ``trainer.spec.RunSpec`` as a field, so pydantic's error locations
 flow through FastAPI unchanged: a bad ``batch_per_worker`` answers 422 with
-``loc == ["body", "spec", "batch_per_worker"]``. Answer models exist for the OpenAPI page
-and accept extra keys, so a field the store adds later is passed on, not dropped.
+``loc == ["body", "spec", "batch_per_worker"]``. Answer models are the serializers: built
+from the store's rows (``from_attributes``) or the planner's, with ``derived`` computed and
+non-finite numbers turned into null, and FastAPI writes them with pydantic's JSON encoder.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    computed_field,
+    field_validator,
+)
+from sqlalchemy.orm import Session
 
-from trainer.spec import RunSpec
+from core.jsonsafe import finite_or_none, json_safe
+from core.status import RunStatus
+from store import runs as store_runs
+from store.models import Run
+from store.runs import iso
+from trainer.plan import Plan, plan_run, plan_sweep
+from trainer.spec import MAX_SEED, PlainText, RunSpec
+from worker.celery_app import WORKER_STALE_S, has_gpu_queue, queue_for, waiting_reason
 
-RunStatus = Literal["queued", "running", "succeeded", "failed", "diverged", "cancelled"]
-TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "diverged", "cancelled"})
 XAxis = Literal["step", "epoch", "wall_time"]
 
 # One sweep may not flood the queue by accident (a typo such as seeds 0..999).
@@ -29,7 +48,7 @@ class _Body(BaseModel):
 class RunCreate(_Body):
     """POST /api/runs."""
 
-    name: str | None = Field(
+    name: PlainText | None = Field(
         None,
         max_length=200,
         description='Shown in lists; default like "kn=1024 k=32 n=32 gradual".',
@@ -40,70 +59,163 @@ class RunCreate(_Body):
         description="Also queue spec.baseline() (kn = ref_batch) and group both for comparison.",
     )
 
+    def plan(self) -> Plan:
+        return plan_run(self.spec, name=self.name, baseline=self.baseline)
+
 
 class SweepCreate(_Body):
     """POST /api/sweeps: one run per (batch size, seed), plus the baseline."""
 
-    name: str | None = Field(None, max_length=200)
+    name: PlainText | None = Field(None, max_length=200)
     spec: RunSpec
     batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
         ..., min_length=1, max_length=64, description="Total minibatch sizes kn to run."
     )
-    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(
         None, min_length=1, max_length=32, description="Default: [spec.seed]."
     )
     baseline: bool = Field(True, description="Add kn = ref_batch when it is not in the list.")
 
-    @field_validator("batch_sizes")
+    @field_validator("batch_sizes", "seeds")
     @classmethod
-    def _unique_sizes(cls, v: list[int]) -> list[int]:
-        dups = sorted({b for b in v if v.count(b) > 1})
+    def _unique(cls, v: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        dups = sorted({x for x in v or [] if v.count(x) > 1})
         if dups:
-            raise ValueError(f"batch sizes repeat: {dups}")
+            raise ValueError(f"{str(info.field_name).replace('_', ' ')} repeat: {dups}")
         return v
 
     @field_validator("seeds")
     @classmethod
-    def _unique_seeds(cls, v: list[int] | None, info: ValidationInfo) -> list[int] | None:
-        if v is None:
-            return v
-        dups = sorted({s for s in v if v.count(s) > 1})
-        if dups:
-            raise ValueError(f"seeds repeat: {dups}")
+    def _few_enough(cls, v: list[int] | None, info: ValidationInfo) -> list[int] | None:
         sizes = info.data.get("batch_sizes")
-        if sizes and len(sizes) * len(v) > MAX_SWEEP_RUNS:
+        if v and sizes and len(sizes) * len(v) > MAX_SWEEP_RUNS:
             raise ValueError(
                 f"{len(sizes)} batch sizes x {len(v)} seeds = {len(sizes) * len(v)} runs, "
                 f"more than the {MAX_SWEEP_RUNS} one sweep may queue"
             )
         return v
 
+    def plan(self) -> Plan:
+        return plan_sweep(
+            self.spec, self.batch_sizes, seeds=self.seeds, baseline=self.baseline, name=self.name
+        )
 
-# --- answers (OpenAPI documentation) -----------------------------------------------------
+
+# --- answers: the only serializers of the store's rows (built from their attributes) -----
+IsoTime = Annotated[str | None, BeforeValidator(lambda v: iso(v) if isinstance(v, datetime) else v)]
+# JSON has no NaN or Infinity, and a diverged run logs both: they answer null.
+Finite = Annotated[float | None, BeforeValidator(finite_or_none)]
+FiniteInt = Annotated[int | None, BeforeValidator(finite_or_none)]
+JsonDict = Annotated[dict[str, Any], AfterValidator(json_safe)]
+
+
 class _Out(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(from_attributes=True)
 
 
 class RunOut(_Out):
+    """The Run object of docs/api.md, from a ``store.models.Run``."""
+
     id: int
     name: str
     status: RunStatus
-    spec: dict[str, Any]
-    derived: dict[str, Any] = {}
-    created_at: str | None = None
-    started_at: str | None = None
-    finished_at: str | None = None
-    progress: float | None = None
-    eta_s: float | None = None
+    spec: JsonDict
+    created_at: IsoTime = None
+    started_at: IsoTime = None
+    finished_at: IsoTime = None
+    heartbeat_at: IsoTime = None
+    progress: Finite = None
+    eta_s: Finite = None
     host: str | None = None
     gpus: str | None = None
     worker: str | None = None
+    device: str | None = Field(None, description="What the last attempt trained on.")
+    queue: str | None = Field(None, description="The Celery queue of its last message.")
+    waiting_for: str | None = Field(
+        None,
+        description="Why a queued run is not taken (no live worker serves its queue); "
+        "null when one does or the run is not queued. Set by runs_out.",
+    )
+    attempts: int = 0
+    cancel_requested: bool = False
     error: str | None = None
     diverged_step: int | None = None
-    summary: dict[str, Any] | None = None
+    summary: JsonDict | None = None
     group_id: int | None = None
     baseline_id: int | None = None
     is_baseline: bool = False
+    tags: Annotated[list[str], BeforeValidator(lambda v: v or [])] = []
+    notes: Annotated[str, BeforeValidator(lambda v: v or "")] = ""
+    archived: bool = False
+    parent_id: int | None = Field(None, description="The run this one extends.")
+
+    @computed_field
+    @property
+    def derived(self) -> dict[str, Any]:
+        """``RunSpec.summary_dict()`` of the stored spec; {} when it no longer validates
+        (a spec written by an older version: the run must still list)."""
+        try:
+            return RunSpec.model_validate(self.spec).summary_dict()
+        except (ValidationError, ValueError, TypeError):
+            return {}
+
+
+def runs_out(s: Session, rows: Sequence[Run]) -> list[RunOut]:
+    """``RunOut`` of each row with ``waiting_for`` filled in: one query of the live
+    workers' queues for all of them (none when no row is queued)."""
+    queued = any(r.status == RunStatus.QUEUED for r in rows)
+    live = store_runs.live_queues(s, seen_within_s=WORKER_STALE_S) if queued else set()
+    outs = []
+    for row in rows:
+        out = RunOut.model_validate(row)
+        out.waiting_for = waiting_reason(row.status, row.queue, live)
+        outs.append(out)
+    return outs
+
+
+# --- run management (server/routes_manage.py); the rules live in store.runs ------------
+RunName = Annotated[str, AfterValidator(store_runs.clean_name)]
+Tags = Annotated[list[str], AfterValidator(store_runs.clean_tags)]
+Notes = Annotated[str, AfterValidator(store_runs.clean_notes)]
+
+
+class RunPatch(_Body):
+    """PATCH /api/runs/{id}: the fields given change, the others stay."""
+
+    name: RunName | None = Field(None, description="At most 200 characters.")
+    tags: Tags | None = Field(
+        None,
+        description=f"Replaces the run's tags: at most {store_runs.MAX_TAGS}, each "
+        f"1-{store_runs.TAG_MAX_LEN} characters.",
+    )
+    notes: Notes | None = Field(None, description="At most 10,000 characters.")
+    archived: bool | None = Field(None, description="Archived runs are hidden from lists.")
+
+
+class BulkAction(_Body):
+    """POST /api/runs/bulk."""
+
+    ids: list[Annotated[int, Field(ge=1, le=2**63 - 1)]] = Field(..., min_length=1, max_length=1000)
+    action: Literal["archive", "unarchive", "delete", "tag", "untag"]
+    tags: Tags | None = Field(None, description="The tags to add or remove (tag, untag).")
+
+    @field_validator("tags")
+    @classmethod
+    def _some(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("give at least one tag")
+        return v
+
+
+class BulkDone(BaseModel):
+    done: list[int] = Field(description="Runs the action applied to.")
+    missing: list[int] = Field(description="Ids that name no run.")
+
+
+class ExtendBody(_Body):
+    """POST /api/runs/{id}/extend."""
+
+    epochs: int = Field(..., ge=1, description="Epochs to train beyond the parent's.")
 
 
 class RunCreated(_Out):
@@ -112,16 +224,36 @@ class RunCreated(_Out):
     group_id: int | None
 
 
+class _RunRef(_Out):
+    id: int
+    is_baseline: bool
+    baseline_id: int | None = None
+
+
 class GroupOut(_Out):
+    """The Group object of docs/api.md, from a ``store.models.Group`` and its runs."""
+
     id: int
     name: str
     kind: Literal["sweep", "compare"]
-    created_at: str | None = None
-    spec: dict[str, Any] | None = None
+    created_at: IsoTime = None
+    spec: JsonDict | None = None
     batch_sizes: list[int] | None = None
     seeds: list[int] | None = None
-    baseline_id: int | None = None
-    run_ids: list[int] = []
+    runs: list[_RunRef] = Field([], exclude=True)
+
+    @computed_field
+    @property
+    def baseline_id(self) -> int | None:
+        """The run marked as baseline, else the one the group's runs point at."""
+        own = next((r.id for r in self.runs if r.is_baseline), None)
+        pointed = (r.baseline_id for r in self.runs if r.baseline_id is not None)
+        return own if own is not None else next(pointed, None)
+
+    @computed_field
+    @property
+    def run_ids(self) -> list[int]:
+        return [r.id for r in self.runs]
 
 
 class SweepCreated(_Out):
@@ -130,6 +262,8 @@ class SweepCreated(_Out):
 
 
 class SummaryRow(_Out):
+    """One row of a sweep's table; the values after ``is_baseline`` are the run's summary."""
+
     run_id: int
     total_batch: int
     workers: int
@@ -138,15 +272,34 @@ class SummaryRow(_Out):
     peak_lr: float
     status: RunStatus
     is_baseline: bool
-    final_val_err: float | None = None
-    best_val_err: float | None = None
-    median_last5_val_err: float | None = None
-    iters_to_target: int | None = None
-    time_to_target_s: float | None = None
-    epochs_to_target: float | None = None
-    loss_oscillation: float | None = None
-    samples_per_s: float | None = None
-    wall_time_s: float | None = None
+    final_val_err: Finite = None
+    best_val_err: Finite = None
+    median_last5_val_err: Finite = None
+    iters_to_target: FiniteInt = None
+    time_to_target_s: Finite = None
+    epochs_to_target: Finite = None
+    loss_oscillation: Finite = None
+    samples_per_s: Finite = None
+    wall_time_s: Finite = None
+
+    @classmethod
+    def of(cls, run: RunOut) -> SummaryRow:
+        spec, derived = run.spec, run.derived
+        workers, n = int(spec.get("workers", 1)), int(spec.get("batch_per_worker", 0))
+        return cls.model_validate(
+            {
+                **(run.summary or {}),
+                "run_id": run.id,
+                "total_batch": derived.get("total_batch", workers * n),
+                "workers": workers,
+                "batch_per_worker": n,
+                "seed": int(spec.get("seed", 0)),
+                # a stored spec that no longer validates: best effort
+                "peak_lr": derived.get("peak_lr", float(spec.get("base_lr", 0.0))),
+                "status": run.status,
+                "is_baseline": run.is_baseline,
+            }
+        )
 
 
 class SweepDetail(_Out):
@@ -154,6 +307,63 @@ class SweepDetail(_Out):
     runs: list[RunOut]
     baseline_id: int | None
     summary: list[SummaryRow]
+
+
+class PlannedRunOut(_Out):
+    """A run a request would create (``trainer.plan.PlannedRun``)."""
+
+    name: str
+    spec: RunSpec
+    is_baseline: bool
+    baseline_index: int | None = Field(description="Index in `runs` of this run's baseline.")
+    queue: str | None = Field(None, description="The queue it would be sent to now.")
+
+    @computed_field
+    @property
+    def derived(self) -> dict[str, Any]:
+        return self.spec.summary_dict()
+
+
+class PlanOut(_Out):
+    runs: list[PlannedRunOut] = Field(description="Baselines first, in the order of creation.")
+    errors: list[dict[str, Any]] = Field(
+        description="Batch sizes left out, as 422 items: submitting this body answers 422."
+    )
+    warnings: list[str]
+
+    @classmethod
+    def of(cls, plan: Plan, live_queues: Collection[str] | None = None) -> PlanOut:
+        """With ``live_queues`` (the queues live workers consume), each run names the
+        queue it would go to, and a queue nobody serves adds a warning."""
+        errors = [
+            {
+                "type": "value_error",
+                "loc": ("body", "batch_sizes", e.index),
+                "msg": e.message,
+                "input": e.total,
+            }
+            for e in plan.errors
+        ]
+        out = cls(runs=plan.runs, errors=errors, warnings=plan.warnings)
+        if live_queues is not None:
+            gpus = has_gpu_queue(live_queues)
+            for run in out.runs:
+                run.queue = queue_for(run.spec, have_gpus=gpus)
+            for queue in dict.fromkeys(r.queue for r in out.runs if r.queue not in live_queues):
+                out.warnings.append(
+                    f"no live worker serves queue {queue}: the run waits until one starts "
+                    f"({_start_hint(queue)})"
+                )
+        return out
+
+
+def _start_hint(queue: str | None) -> str:
+    """The command that starts a worker for ``queue`` (cpu, gpu, gpuN)."""
+    if queue == "gpu":
+        return "batchlab worker --gpus all"
+    if queue and queue.startswith("gpu") and queue[3:].isdigit():
+        return f"batchlab worker --gpus {','.join(map(str, range(int(queue[3:]))))} --group"
+    return "batchlab worker --gpus none"
 
 
 class Series(BaseModel):
@@ -187,7 +397,9 @@ class SchedulePreview(BaseModel):
     lr: list[float]
 
 
-class WorkerOut(_Out):
+class WorkerOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     name: str
     host: str | None = None
     gpus: str | None = None
@@ -208,3 +420,12 @@ class HealthOut(BaseModel):
     broker: str
     version: str
     auth: bool = Field(description="True when writes need a Bearer token.")
+    queued_runs: int | None = Field(None, description="Runs queued in the database.")
+    broker_messages: int | None = Field(
+        None,
+        description="Messages waiting in the broker's queues: fewer than queued_runs means "
+        "lost messages, re-sent after BATCHLAB_RESEND_AFTER_S.",
+    )
+    reconcile: dict[str, Any] | None = Field(
+        None, description="The API's last pass over queued runs against the broker's messages."
+    )

@@ -7,40 +7,58 @@
   points stored since the previous event, polled every ``POLL_S`` and coalesced into one
   event per poll (catch-up after a reconnect is split into chunks);
 - after a final status (succeeded, failed, diverged, cancelled) the last points, the
-  final ``status``, and the stream ends. A deleted run ends it with ``gone``.
+  final ``status``, and the stream ends. A deleted run ends it with ``gone``;
+- a database that stops answering ends it with ``error`` ``{"detail": ...}`` (the
+  browser's EventSource reconnects by itself and resumes from the last id).
 
 Every event's ``id`` is the cursor "key:step,key:step" of the last point sent per key,
 so a browser's automatic reconnect (``Last-Event-ID``) resumes where it left off.
 ``?since=N`` starts after step N for every key (a page that loaded the history through
 ``/metrics`` first), ``?since=key:step,...`` from explicit cursors.
 
-Latency from a trainer's ``log`` to the browser: the writer flushes every 250 ms, this
-loop polls every 250 ms; bench/sse_latency.py measures it (docs/benchmarks/service.md).
+One read serves every stream of a run: the run's ``server.hub.RunHub`` polls every 250 ms
+and fans the result out; a stream reads the database itself only to catch up when it
+joins. At most ``BATCHLAB_MAX_STREAMS`` streams are open at once (past it: 503 with
+``Retry-After``). Latency from a trainer's ``log`` to the browser: the writer flushes every
+250 ms, the hub polls every 250 ms; bench/sse_latency.py and bench/sse_load.py measure it
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import asyncio
+import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+import anyio
+import sqlalchemy.exc
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
-from server.deps import Context, get_ctx
-from server.encode import dumps, sanitize
-from server.schemas import TERMINAL
+from core.status import FINAL_STATUSES
+from server.deps import Context, CtxDep, RunIdPath
+from server.encode import dumps
+from server.hub import HubRegistry, Subscription
+from server.schemas import runs_out
 from store import db
 from store import metrics as store_metrics
 from store import runs as store_runs
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api", tags=["runs"])
 
-POLL_S = 0.25
 # Points per key per database read: a reconnect to a long run catches up in chunks.
 CATCHUP_LIMIT = 5000
 PING_S = 15
+# What a client refused for too many streams is told to wait, in seconds.
+RETRY_AFTER_S = 10
+# Cursor steps are BIGINT in the store: larger ones would overflow the query (a 500).
+MAX_STEP = 2**63 - 1
+_CURSOR_KEY = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
 
 
 def parse_cursor(text: str | None) -> tuple[dict[str, int], int]:
@@ -53,35 +71,61 @@ def parse_cursor(text: str | None) -> tuple[dict[str, int], int]:
         return {}, -1
     text = text.strip()
     if ":" not in text:
-        return {}, int(text)
+        return {}, _step(text)
     cursors: dict[str, int] = {}
     for part in text.split(","):
         key, _, step = part.rpartition(":")
-        if not key:
+        if not _CURSOR_KEY.match(key):
             raise ValueError(f"bad cursor part {part!r}")
-        cursors[key] = int(step)
+        cursors[key] = _step(step)
     return cursors, -1
+
+
+def _step(text: str) -> int:
+    step = int(text)
+    if not -1 <= step <= MAX_STEP:
+        raise ValueError(f"cursor step {step} is outside -1..{MAX_STEP}")
+    return step
 
 
 def format_cursor(cursors: dict[str, int]) -> str:
     return ",".join(f"{k}:{v}" for k, v in sorted(cursors.items()))
 
 
-class RunStream:
-    """The state of one client's stream: cursors and the last status it was sent."""
+def _status_key(run: dict[str, Any]) -> tuple[Any, ...]:
+    """What a new status event is sent for (a worker starting or going away changes
+    ``waiting_for``; ``device`` is recorded just after the claim)."""
+    keys = ("status", "progress", "attempts", "waiting_for", "device")
+    return tuple(run.get(k) for k in keys)
 
-    def __init__(self, ctx: Context, run_id: int, cursors: dict[str, int], floor: int) -> None:
+
+class RunStream:
+    """The state of one client's stream: cursors and the last status it was sent.
+
+    Also the reader of a run's hub (``server.hub.Reader``): the hub's own ``RunStream``
+    holds the cursors of the newest points it has read.
+    """
+
+    def __init__(
+        self,
+        ctx: Context,
+        run_id: int,
+        cursors: dict[str, int],
+        floor: int,
+        hubs: HubRegistry | None = None,
+    ) -> None:
         self.ctx = ctx
         self.run_id = run_id
         self.cursors = cursors
         self.floor = floor
+        self.hubs = hubs
         self.last_status: tuple[Any, ...] | None = None
 
     # --- blocking reads (run in the thread pool) ---------------------------------------
     def load_run(self) -> dict[str, Any] | None:
         with db.session(self.ctx.engine) as s:
             run = store_runs.get_run(s, self.run_id)
-            return None if run is None else sanitize(store_runs.run_to_dict(run))
+            return None if run is None else runs_out(s, [run])[0].model_dump(mode="json")
 
     def seed_floor(self) -> None:
         """Turn ``?since=N`` into cursors for the keys the run has now."""
@@ -94,84 +138,180 @@ class RunStream:
         points = store_metrics.read_since(
             self.ctx.engine, self.run_id, self.cursors, limit_per_key=CATCHUP_LIMIT
         )
-        if self.floor >= 0:  # a key that appeared after connect: apply the floor too
-            points = [p for p in points if p["key"] in self.cursors or p["step"] > self.floor]
         per_key: dict[str, int] = {}
         for p in points:
+            per_key[p["key"]] = per_key.get(p["key"], 0) + 1
+        return self.accept(points), any(n >= CATCHUP_LIMIT for n in per_key.values())
+
+    def accept(self, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The points this stream has not sent yet (a hub's read may overlap its own
+        catch-up), cursors advanced past them."""
+        fresh = []
+        for p in points:
             key = p["key"]
-            per_key[key] = per_key.get(key, 0) + 1
+            if key not in self.cursors and p["step"] <= self.floor:
+                continue  # a key that appeared after connect: the floor applies too
             if p["step"] > self.cursors.get(key, -1):
-                self.cursors[key] = p["step"]
-        return points, any(n >= CATCHUP_LIMIT for n in per_key.values())
+                fresh.append(p)
+        for p in fresh:  # (step, key) order: the last point of a key has its largest step
+            self.cursors[p["key"]] = p["step"]
+        return fresh
 
     # --- events ------------------------------------------------------------------------
     def status_event(self, run: dict[str, Any]) -> ServerSentEvent:
-        self.last_status = (run["status"], run["progress"], run.get("attempts"))
+        self.last_status = _status_key(run)
         return ServerSentEvent(dumps(run), event="status", id=format_cursor(self.cursors))
 
     def changed(self, run: dict[str, Any]) -> bool:
-        return (run["status"], run["progress"], run.get("attempts")) != self.last_status
+        return _status_key(run) != self.last_status
 
-    def points_event(self, points: list[dict[str, Any]]) -> ServerSentEvent:
-        return ServerSentEvent(
-            dumps({"points": points}), event="points", id=format_cursor(self.cursors)
-        )
+    def points_event(
+        self, points: list[dict[str, Any]], encoded: str | None = None
+    ) -> ServerSentEvent:
+        data = encoded if encoded is not None else dumps({"points": points})
+        return ServerSentEvent(data, event="points", id=format_cursor(self.cursors))
+
+    def gone_event(self) -> ServerSentEvent:
+        return ServerSentEvent(dumps({"detail": f"run {self.run_id} was deleted"}), event="gone")
 
     async def events(self, first: dict[str, Any]) -> AsyncIterator[Any]:
+        try:
+            async for event in self._events(first):
+                yield event
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as err:
+            # End the response cleanly (a truncated chunked body is a client-side error).
+            log.warning("stream of run %s ended: database error: %s", self.run_id, err)
+            detail = f"database unavailable: {type(err.orig).__name__}"
+            yield ServerSentEvent(dumps({"detail": detail}), event="error")
+
+    async def catch_up(self) -> AsyncIterator[ServerSentEvent]:
+        """This stream's own reads: every point after its cursors, in chunks, read and
+        encoded in a worker thread (a chunk can be 5000 points per key)."""
+        limiter = self.hubs.catchup_limiter if self.hubs is not None else None
+        more = True
+        while more:
+            event, more = await anyio.to_thread.run_sync(self.read_event, limiter=limiter)
+            if event is not None:
+                yield event
+
+    def read_event(self) -> tuple[ServerSentEvent | None, bool]:
+        points, more = self.read_points()
+        return (self.points_event(points) if points else None), more
+
+    async def _events(self, first: dict[str, Any]) -> AsyncIterator[Any]:
         await run_in_threadpool(self.seed_floor)
         yield self.status_event(first)
+        if first["status"] in FINAL_STATUSES or self.hubs is None:
+            # Finished: every point is stored already; one catch-up and the final status.
+            async for event in self.catch_up():
+                yield event
+            yield self.status_event(first)
+            return
+        while True:  # once, and again after a resync
+            # Catch up before joining, so a long catch-up does not fill the queue.
+            async for event in self.catch_up():
+                yield event
+            sub = self.hubs.subscribe(self.run_id, self.hub_reader)
+            try:
+                # Points committed while joining (the hub's next read may start past them).
+                async for event in self.catch_up():
+                    yield event
+                async for event in self.follow(sub):
+                    yield event
+                if sub.resync:
+                    continue
+                return
+            finally:
+                # Also when the client goes away (sse-starlette cancels this generator).
+                self.hubs.unsubscribe(self.run_id, sub)
+
+    def hub_reader(self) -> RunStream:
+        return RunStream(self.ctx, self.run_id, dict(self.cursors), -1)
+
+    async def follow(self, sub: Subscription) -> AsyncIterator[ServerSentEvent]:
+        """Events from the hub's messages until the stream ends (or must resync)."""
         while True:
-            # Status before points: once a final status is seen, every point the worker
-            # flushed before finishing is already in the table and read just below.
-            run = await run_in_threadpool(self.load_run)
-            if run is None:
-                yield ServerSentEvent(
-                    dumps({"detail": f"run {self.run_id} was deleted"}), event="gone"
-                )
-                return
-            final = run["status"] in TERMINAL
-            more = True
-            while more:
-                points, more = await run_in_threadpool(self.read_points)
-                if points:
+            kind, data = await sub.queue.get()
+            if kind == "points":
+                points = self.accept(data.items)
+                if len(points) == len(data.items):  # the usual case: encode once for all
+                    if data.encoded is None:
+                        data.encoded = dumps({"points": points})
+                    yield self.points_event(points, encoded=data.encoded)
+                elif points:
                     yield self.points_event(points)
-            if final or self.changed(run):
-                yield self.status_event(run)
-            if final:
+            elif kind == "status":
+                final = data["status"] in FINAL_STATUSES
+                if final or self.changed(data):
+                    yield self.status_event(data)
+                if final:
+                    return
+            elif kind == "gone":
+                yield self.gone_event()
                 return
-            # A client that goes away cancels this generator (sse-starlette watches).
-            await asyncio.sleep(POLL_S)
+            elif kind == "error":
+                raise data
+            else:  # resync: this stream fell behind and left the hub
+                sub.resync = True
+                return
+
+
+class _SlotResponse(EventSourceResponse):
+    """Gives its stream slot back however the response ends (also when the client leaves
+    before the first event, where the events generator never starts)."""
+
+    def __init__(self, *args: Any, hubs: HubRegistry, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._hubs = hubs
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._hubs.release()
 
 
 @router.get(
     "/runs/{run_id}/stream",
     response_class=EventSourceResponse,
     summary="Server-Sent Events: status and new points of a run until it finishes",
-    response_description="text/event-stream of `status`, `points` and `gone` events",
+    response_description="text/event-stream of `status`, `points`, `gone` and `error` events",
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        404: {"description": "No run with this id."},
+        503: {"description": "Too many open streams (`BATCHLAB_MAX_STREAMS`); see Retry-After."},
+    },
 )
 async def stream_run(
-    run_id: int,
+    ctx: CtxDep,
+    run_id: RunIdPath,
     request: Request,
     since: str | None = Query(
         None, description='Resume after step N ("120") or per key ("loss:120,val_err:119").'
     ),
-    ctx: Context = Depends(get_ctx),
 ) -> EventSourceResponse:
     # A browser reconnect carries Last-Event-ID; it wins over the page's original ?since.
     cursor_text = request.headers.get("last-event-id") or since
     try:
         cursors, floor = parse_cursor(cursor_text)
     except ValueError as err:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            [{"type": "value_error", "loc": ["query", "since"], "msg": str(err)}],
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("query", "since"), "msg": str(err), "input": since}]
         ) from err
-    stream = RunStream(ctx, run_id, cursors, floor)
+    hubs: HubRegistry = request.app.state.hubs
+    stream = RunStream(ctx, run_id, cursors, floor, hubs)
     first = await run_in_threadpool(stream.load_run)
     if first is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"run {run_id} not found")
-    return EventSourceResponse(
+    if not hubs.try_acquire():
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"too many open streams (at most {hubs.max_streams}, BATCHLAB_MAX_STREAMS)",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    return _SlotResponse(
         stream.events(first),
+        hubs=hubs,
         ping=PING_S,
         # Proxies (nginx) must not buffer the stream.
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

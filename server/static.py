@@ -2,7 +2,9 @@
 
 Plotly.js comes from the installed ``plotly`` Python package (it bundles
 ``package_data/plotly.min.js``), so the dashboard works offline and needs no CDN or
-JavaScript build step.
+JavaScript build step. The API docs (``/docs``, ``/redoc``) likewise load Swagger UI and
+ReDoc from the ``fastapi-offline`` package's ``static`` folder under
+``/static/vendor/apidocs/``, not from FastAPI's default CDN.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import os
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.staticfiles import NotModifiedResponse
 
@@ -35,6 +38,78 @@ def plotly_js_path() -> Path:
         if path.is_file():
             return path
     raise FileNotFoundError("plotly.min.js not found in the plotly package")
+
+
+API_DOCS_PREFIX = "/static/vendor/apidocs"
+
+
+def api_docs_dir() -> Path:
+    """The Swagger UI / ReDoc assets the ``fastapi-offline`` package ships (found without
+    importing it: its module builds a FastAPI app helper we do not use)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("fastapi_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the fastapi-offline package is not installed")
+    for base in spec.submodule_search_locations:
+        path = Path(base) / "static"
+        if (path / "swagger-ui-bundle.js").is_file():
+            return path
+    raise FileNotFoundError("Swagger UI assets not found in the fastapi-offline package")
+
+
+def mount_api_docs(app: FastAPI) -> None:
+    """``/docs`` and ``/redoc`` with their assets served by this server, so the API docs
+    work on a cluster without internet. Create the app with ``docs_url=None,
+    redoc_url=None`` and call this before ``mount_frontend`` (whose mount would win)."""
+    openapi_url = app.openapi_url or "/openapi.json"
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{openapi_url}",
+            title=f"{app.title} - API docs",
+            swagger_js_url=f"{root}{API_DOCS_PREFIX}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{API_DOCS_PREFIX}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{API_DOCS_PREFIX}/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{openapi_url}",
+            title=f"{app.title} - API reference",
+            redoc_js_url=f"{root}{API_DOCS_PREFIX}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{API_DOCS_PREFIX}/favicon.png",
+            with_google_fonts=False,
+        )
+
+    @app.get(API_DOCS_PREFIX + "/{name}", include_in_schema=False)
+    def api_docs_asset(name: str, request: Request) -> Response:
+        try:
+            folder = api_docs_dir()
+        except FileNotFoundError as err:
+            raise HTTPException(404, str(err)) from err
+        path = folder / name
+        # Only the folder's own files: no path separators reach here, but "." names could.
+        if name.startswith(".") or not path.is_file():
+            raise HTTPException(404, f"no API docs asset {name!r}")
+        return _vendor_file(path, request)
+
+
+def _vendor_file(path: Path, request: Request) -> Response:
+    """A file that changes only with its package: cached a day, revalidated by ETag."""
+    response = FileResponse(
+        path,
+        media_type="text/javascript" if path.suffix == ".js" else None,
+        headers={"Cache-Control": VENDOR_CACHE},
+        stat_result=os.stat(path),  # computes the ETag now, for the check below
+    )
+    if _etag_matches(request.headers.get("if-none-match"), response.headers["etag"]):
+        return NotModifiedResponse(response.headers)
+    return response
 
 
 def _etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -63,15 +138,7 @@ def mount_frontend(app: FastAPI, frontend_dir: Path = FRONTEND_DIR) -> None:
             path = plotly_js_path()
         except FileNotFoundError as err:
             raise HTTPException(404, str(err)) from err
-        response = FileResponse(
-            path,
-            media_type="text/javascript",
-            headers={"Cache-Control": VENDOR_CACHE},
-            stat_result=os.stat(path),  # computes the ETag now, for the check below
-        )
-        if _etag_matches(request.headers.get("if-none-match"), response.headers["etag"]):
-            return NotModifiedResponse(response.headers)
-        return response
+        return _vendor_file(path, request)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

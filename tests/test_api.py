@@ -11,6 +11,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -18,10 +19,11 @@ import pytest
 from fastapi.testclient import TestClient
 from kombu import Connection
 
+from server import readcache
 from server.app import create_app
 from server.serve import serve_in_thread
 from server.sse_client import iter_events
-from store import db, metrics, runs
+from store import db, metrics, models, runs
 
 # 4000 MNIST-1D samples -> 3200 training samples; kn=ref_batch=32 is the baseline.
 SPEC: dict[str, Any] = {
@@ -389,6 +391,126 @@ def test_schedule_preview(client):
     assert r.status_code == 200 and len(r.json()["step"]) < 60
 
 
+def test_plan_preview_is_what_a_submit_creates(client, broker_url):
+    """POST /api/plan/{run,sweep} take the submit's body and store nothing."""
+    beat(client, "cpu-1@box", ["cpu"])  # a live worker serves the runs' queue: no warning
+    body = {"spec": SPEC, "name": "big", "baseline": True}
+    plan = client.post("/api/plan/run", json=body).json()
+    base, run = plan["runs"]
+    assert (base["is_baseline"], run["is_baseline"], run["baseline_index"]) == (True, False, 0)
+    assert base["derived"] == {
+        "total_batch": 32,
+        "peak_lr": pytest.approx(0.05),
+        "iters_per_epoch": 100,
+        "total_iters": 400,
+    }
+    assert base["spec"]["warmup"] == "none" and run["derived"]["peak_lr"] == pytest.approx(0.2)
+    assert plan["errors"] == [] and plan["warnings"] == []
+    assert client.get("/api/runs").json() == [] and queued(broker_url) == []
+    created = post_run(client, name="big", baseline=True)
+    assert [(r["name"], r["spec"]) for r in plan["runs"]] == [
+        (created[k]["name"], created[k]["spec"]) for k in ("baseline", "run")
+    ]
+    own = client.post("/api/plan/run", json={"spec": {**SPEC, "workers": 1}, "baseline": True})
+    assert own.json()["warnings"] == ["kn = ref_batch: this run is its own baseline"]
+
+    # A sweep: the sizes that cannot run are listed as 422 items, the others planned.
+    body = {"spec": SPEC, "batch_sizes": [64, 8192], "seeds": [0, 1]}
+    plan = client.post("/api/plan/sweep", json=body).json()
+    got = [
+        (r["derived"]["total_batch"], r["spec"]["seed"], r["baseline_index"]) for r in plan["runs"]
+    ]
+    assert got == [(32, 0, None), (32, 1, None), (64, 0, 0), (64, 1, 1)]
+    (error,) = plan["errors"]
+    refused = client.post("/api/sweeps", json=body)
+    assert refused.status_code == 422 and len(refused.json()["detail"]) == 1
+    assert refused.json()["detail"][0].items() >= error.items()
+    assert error["loc"] == ["body", "batch_sizes", 1] and error["input"] == 8192
+
+    # The body is validated as the submit's: 422 naming the field.
+    r = client.post("/api/plan/sweep", json={**body, "spec": {**SPEC, "epochs": 0}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "spec", "epochs"]
+    r = client.post("/api/plan/run", json={"spec": SPEC, "batch_sizes": [64]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "batch_sizes"]
+
+
+def beat(client: TestClient, name: str, queues: list[str], *, age_s: float = 0) -> None:
+    """A worker's heartbeat row, ``age_s`` seconds old."""
+    with db.session(client.app.state.ctx.engine) as s:
+        gpus = "" if queues == ["cpu"] else "0"
+        runs.record_worker(s, name=name, host="box", gpus=gpus, queues=queues)
+        s.get(models.WorkerBeat, name).last_seen -= timedelta(seconds=age_s)
+
+
+def test_a_queued_run_says_why_it_waits(client, broker_url):
+    gpu = post_run(client, spec={**SPEC, "device": "cuda"})["run"]
+    pair = post_run(client, spec={**SPEC, "device": "cuda", "nproc": 4})["run"]
+    cpu = post_run(client, spec={**SPEC, "device": "cpu"})["run"]
+    assert (gpu["queue"], pair["queue"], cpu["queue"]) == ("gpu", "gpu4", "cpu")
+    assert gpu["waiting_for"] == "no live worker serves queue gpu"  # the submit's answer too
+
+    def reasons() -> dict[int, str | None]:
+        listed = {r["id"]: r["waiting_for"] for r in client.get("/api/runs").json()}
+        for run_id, why in listed.items():  # one run and the list agree
+            assert client.get(f"/api/runs/{run_id}").json()["waiting_for"] == why
+        return listed
+
+    assert reasons() == {
+        gpu["id"]: "no live worker serves queue gpu",
+        pair["id"]: "no live worker serves queue gpu4",
+        cpu["id"]: "no live worker serves queue cpu",
+    }
+    # A CPU worker alive, a GPU worker silent for longer than WORKER_STALE_S (30 s).
+    beat(client, "cpu-1@box", ["cpu"])
+    beat(client, "gpu0@box", ["gpu"], age_s=60)
+    assert reasons() == {
+        gpu["id"]: "no live worker serves queue gpu",
+        pair["id"]: "no live worker serves queue gpu4",
+        cpu["id"]: None,
+    }
+    beat(client, "gpu0@box", ["gpu"])  # a fresh beat
+    assert reasons()[gpu["id"]] is None
+    # Not queued: no reason, whatever the workers.
+    with db.session(client.app.state.ctx.engine) as s:
+        runs.request_cancel(s, pair["id"])
+    assert reasons()[pair["id"]] is None
+    # A run that trained says on what (the worker records it when the run starts).
+    with db.session(client.app.state.ctx.engine) as s:
+        runs.mark_running(s, cpu["id"], host="box", gpus="", worker="cpu-1@box")
+        assert runs.record_device(s, cpu["id"], "cpu (2 cores), torch 2.13.0+cpu", attempt=1)
+        assert not runs.record_device(s, gpu["id"], "cpu", attempt=1)  # not running
+    # A worker's change shows within the poll cache's lifetime (server/readcache.py):
+    # this test asked often enough for its answers to be shared.
+    time.sleep(readcache.TTL_S)
+    got = client.get(f"/api/runs/{cpu['id']}").json()
+    assert got["device"] == "cpu (2 cores), torch 2.13.0+cpu" and got["waiting_for"] is None
+
+
+def test_plan_preview_names_the_queue_and_warns_when_nobody_serves_it(client):
+    def plan(device: str, **spec: Any) -> dict[str, Any]:
+        body = {"spec": {**SPEC, "device": device, **spec}}
+        return client.post("/api/plan/run", json=body).json()
+
+    none = plan("cuda")
+    assert [r["queue"] for r in none["runs"]] == ["gpu"]
+    assert none["warnings"] == [
+        "no live worker serves queue gpu: the run waits until one starts "
+        "(batchlab worker --gpus all)"
+    ]
+    assert plan("cuda", nproc=2, workers=2)["warnings"][0].endswith(
+        "(batchlab worker --gpus 0,1 --group)"
+    )
+    # Only a CPU worker: auto goes to cpu and is served; cuda still waits on gpu.
+    beat(client, "cpu-1@box", ["cpu"])
+    auto = plan("auto")
+    assert ([r["queue"] for r in auto["runs"]], auto["warnings"]) == (["cpu"], [])
+    assert [r["queue"] for r in plan("cuda")["runs"]] == ["gpu"] and plan("cuda")["warnings"]
+    # A GPU worker alive: auto goes there.
+    beat(client, "gpu0@box", ["gpu"])
+    auto = plan("auto")
+    assert ([r["queue"] for r in auto["runs"]], auto["warnings"]) == (["gpu"], [])
+
+
 def test_workers(client, broker_url):
     post_run(client)
     with db.session(client.app.state.ctx.engine) as s:
@@ -450,6 +572,7 @@ def test_frontend_and_plotly_are_served(client):
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/runs", "/api/runs/{run_id}/stream", "/api/sweeps", "/api/schedule"} <= set(paths)
+    assert {"/api/plan/run", "/api/plan/sweep"} <= set(paths)
 
 
 # --- SSE ----------------------------------------------------------------------------------
@@ -559,12 +682,16 @@ def test_start_warms_the_metric_cache_of_recent_runs(batchlab_home, sqlite_url, 
         run_id = runs.create_run(s, name="old", spec={"dataset_size": 400}).id
     points = [(step, {"loss": 1.0 / (1 + step)}, step / 10, step / 100) for step in range(50)]
     metrics.write_points(engine, run_id, points)
+    # A run written before live overviews (store.metrics.live) has none: it is the one the
+    # warming is for (a run with one is read from it, cold or not).
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM series_overviews")
     metrics.invalidate()
     app = create_app(database_url=sqlite_url, broker_url=broker_url)
     with TestClient(app):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            cached = metrics._cache.get((str(engine.url), run_id, "loss"))
+            cached = metrics.cache._cache.get((str(engine.url), run_id, "loss"))
             if cached is not None and cached.n == 50:
                 break
             time.sleep(0.05)

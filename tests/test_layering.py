@@ -23,7 +23,7 @@ PROGRAM = textwrap.dedent(
 
     app = create_app(database_url=sys.argv[1], broker_url=sys.argv[2])
     spec = {"model": "mlp", "dataset_size": 4000, "epochs": 2, "warmup_epochs": 1}
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:  # an allowed Host
         codes = [
             client.post("/api/schedule", json=spec).status_code,
             client.post("/api/runs", json={"spec": spec, "baseline": True}).status_code,
