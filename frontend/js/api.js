@@ -3,7 +3,10 @@
 
 const TOKEN_KEY = 'batchlab.token';
 
-/** A non-2xx answer. `detail` is FastAPI's: a string, or a list of {loc, msg, type}. */
+/**
+ * A non-2xx answer. `detail` is a string, or a 422's list of {loc, msg, type, field, message}
+ * where the server already named the field and cleaned the message (core/errors.py).
+ */
 export class ApiError extends Error {
   constructor(status, detail, path) {
     super(describe(status, detail, path));
@@ -12,8 +15,9 @@ export class ApiError extends Error {
   }
 
   /**
-   * Field errors of a 422: [{field, index, msg, loc}], the field being the last string
-   * element of `loc` and index the trailing list position if any (batch_sizes[3]).
+   * Field errors of a 422, placed by `loc`: [{field, index, msg, line}], the field being the
+   * input to mark (last string element of `loc`), index the trailing list position if any,
+   * line the whole "field: message".
    */
   fieldErrors() {
     if (!Array.isArray(this.detail)) return [];
@@ -23,7 +27,7 @@ export class ApiError extends Error {
       let i = loc.length - 1;
       if (i >= 0 && typeof loc[i] === 'number') index = loc[i--];
       const field = i >= 0 ? String(loc[i]) : '';
-      return { field, index, msg: cleanMsg(item.msg), loc };
+      return { field, index, msg: item.message, line: errorLine(item) };
     });
   }
 }
@@ -31,14 +35,13 @@ export class ApiError extends Error {
 function describe(status, detail, path) {
   if (typeof detail === 'string' && detail) return detail;
   if (Array.isArray(detail) && detail.length) {
-    return detail.map((d) => `${(d.loc || []).slice(-1)[0] ?? ''}: ${cleanMsg(d.msg)}`).join('; ');
+    return detail.map(errorLine).join('; ');
   }
   return `${path}: HTTP ${status}`;
 }
 
-// pydantic prefixes custom validator messages with "Value error, "; the field is shown apart.
-function cleanMsg(msg) {
-  return String(msg ?? '').replace(/^Value error, /, '');
+function errorLine(item) {
+  return item.field ? `${item.field}: ${item.message}` : item.message;
 }
 
 export function getToken() {
@@ -135,11 +138,22 @@ export const api = {
   runMetrics: (id, params, opts) =>
     request('GET', `/api/runs/${id}/metrics${qs(params)}`, undefined, opts),
   metrics: (params, opts) => request('GET', `/api/metrics${qs(params)}`, undefined, opts),
-  sweeps: (opts) => request('GET', '/api/sweeps', undefined, opts),
+  // filter.kind: 'sweep' (default), 'compare' or 'all' (every group).
+  sweeps: (filter, opts) => request('GET', `/api/sweeps${qs(filter)}`, undefined, opts),
   sweep: (id, opts) => request('GET', `/api/sweeps/${id}`, undefined, opts),
   createSweep: (body) => request('POST', '/api/sweeps', body),
   schedule: (spec, opts) => request('POST', '/api/schedule', spec, { prompt: false, ...opts }),
   workers: (opts) => request('GET', '/api/workers', undefined, opts),
   health: (opts) => request('GET', '/api/health', undefined, opts),
   streamUrl: (id) => `/api/runs/${id}/stream`,
+  // Run management (docs/api.md): rename, tags, notes, archive; bulk actions; extend.
+  patchRun: (id, body) => request('PATCH', `/api/runs/${id}`, body),
+  bulk: (ids, action, tags) => request('POST', '/api/runs/bulk', { ids, action, ...(tags ? { tags } : {}) }),
+  extendRun: (id, epochs) => request('POST', `/api/runs/${id}/extend`, { epochs }),
+  runLog: (id, params, opts) => request('GET', `/api/runs/${id}/log${qs(params)}`, undefined, opts),
+  // Downloads (plain links): full-resolution points and the runs table.
+  runsCsvUrl: (filter) => `/api/runs.csv${qs(filter)}`,
+  metricsExportUrl: (ids, format = 'csv') => `/api/metrics.${format}?runs=${ids.join(',')}`,
+  runMetricsExportUrl: (id, format = 'csv') => `/api/runs/${id}/metrics.${format}`,
+  checkpointUrl: (id) => `/api/runs/${id}/checkpoint`,
 };

@@ -13,6 +13,7 @@ const VIEWS = {
   run: () => import('./run.js'),
   compare: () => import('./compare.js'),
   sweep: () => import('./sweep.js'),
+  parallel: () => import('./parallel.js'),
 };
 
 const root = document.getElementById('view');

@@ -7,18 +7,8 @@
 
 import { api } from './api.js';
 import { escapeHtml, h, replace, setText } from './escape.js';
-import { derivedOf, paperLabel, pct, TERMINAL } from './format.js';
-import {
-  announceDrawn,
-  axis,
-  BASELINE_COLOR,
-  baseLayout,
-  colorAt,
-  loadPlotly,
-  PLOT_CONFIG,
-  purge,
-  withAlpha,
-} from './plots.js';
+import { derivedOf, formatKn, num, paperLabel, pct, TERMINAL } from './format.js';
+import { announceDrawn, axis, BASELINE_COLOR, colorAt, FIGURE, loadPlotly, PLOT_CONFIG, purge, themed, withAlpha } from './plots.js';
 import { href, replaceQuery } from './router.js';
 import { aggregate, debiasedEma, meanStd } from './smoothing.js';
 
@@ -26,27 +16,8 @@ const MAX_POINTS = 1500;
 const LIVE_MS = 5000;
 const ZOOM_DEBOUNCE_MS = 250;
 
-export const METRICS = {
-  train_err: { label: 'training error (%)', scale: 100 },
-  val_err: { label: 'validation error (%)', scale: 100, markers: true },
-  loss: { label: 'training loss' },
-  val_loss: { label: 'validation loss', markers: true },
-  train_err_epoch: { label: 'training error per epoch (%)', scale: 100, markers: true },
-  grad_norm: { label: 'gradient norm' },
-  lr: { label: 'learning rate' },
-  step_time: { label: 'time per iteration (s)' },
-};
-const X_AXES = {
-  epoch: 'epoch',
-  step: 'iteration',
-  samples: 'samples seen',
-  wall_time: 'wall time (s)',
-};
-// Spec fields that never tell two configurations apart in a legend.
-const LEGEND_SKIP = new Set([
-  'seed', 'workers', 'batch_per_worker', 'nproc', 'micro_batch', 'warmup', 'device',
-  'checkpoint', 'data_root', 'eval_every', 'base_lr', 'ref_batch',
-]);
+const METRICS = FIGURE.metrics;
+const X_AXES = FIGURE.x_titles;
 
 /** Parse the view state from the hash query (defaults: the paper's Figure 2 view). */
 export function readState(query) {
@@ -105,23 +76,31 @@ export function groupRuns(runs, baselineId) {
   return groups;
 }
 
-/** The paper's legend ("kn=8k, η=3.2, gradual") plus whatever else differs, and errors. */
+/**
+ * The paper's words ("kn=8k, η=3.2, gradual warmup"), then each other field whose value
+ * differs among the configurations where it has an effect (figure_spec.json legend_*),
+ * then the final validation error.
+ */
 function labelGroups(groups) {
-  const keys = new Set();
-  for (const g of groups) for (const k of Object.keys(g.spec)) keys.add(k);
+  const { legend_words: words, legend_only_with: onlyWith, legend_skip: skip } = FIGURE;
+  const applies = (spec, k) => spec[k] != null && (!onlyWith[k] || onlyWith[k][1].includes(spec[onlyWith[k][0]]));
+  const keys = new Set(groups.flatMap((g) => Object.keys(g.spec)).filter((k) => !skip.includes(k)));
   const differing = [...keys].filter(
-    (k) => !LEGEND_SKIP.has(k) && new Set(groups.map((g) => JSON.stringify(g.spec[k]))).size > 1,
+    (k) => new Set(groups.filter((g) => applies(g.spec, k)).map((g) => JSON.stringify(g.spec[k]))).size > 1,
   );
+  const text = (v) => (Array.isArray(v) ? v.join('/') : String(v));
+  const wordsFor = (k, v) =>
+    typeof words[k] === 'string' ? words[k].replace('{}', text(v)) : (words[k]?.[v] ?? `${k}=${text(v)}`);
   for (const g of groups) {
-    const extra = differing.map((k) => `${k}=${Array.isArray(g.spec[k]) ? g.spec[k].join('/') : g.spec[k]}`);
-    g.config = [paperLabel(g.runs[0]), ...extra].join(', ');
-    const errs = meanStd(g.runs.map((r) => r.summary?.final_val_err));
-    let label = g.config;
-    if (errs.n) label += `: ${(100 * errs.mean).toFixed(2)}%${errs.std > 0 ? `±${(100 * errs.std).toFixed(2)}` : ''}`;
-    if (g.runs.length > 1) label += ` (${countLabel(g.runs)})`;
-    if (g.isBaseline) label += ' · baseline';
-    g.label = label;
-    g.err = errs;
+    const { kn, peak } = derivedOf(g.runs[0]);
+    const warm = g.spec.warmup ? [words.warmup[g.spec.warmup] ?? g.spec.warmup] : [];
+    const extra = differing.filter((k) => applies(g.spec, k)).map((k) => wordsFor(k, g.spec[k]));
+    g.config = [`kn=${formatKn(kn)}`, `η=${num(peak)}`, ...warm, ...extra].join(', ');
+    g.err = meanStd(g.runs.map((r) => r.summary?.final_val_err));
+    g.label = g.config;
+    if (g.err.n) g.label += `: ${(100 * g.err.mean).toFixed(2)}%${g.err.std > 0 ? `±${(100 * g.err.std).toFixed(2)}` : ''}`;
+    if (g.runs.length > 1) g.label += ` (${countLabel(g.runs)})`;
+    if (g.isBaseline) g.label += ' · baseline';
   }
   // Identical labels (same config, e.g. two baselines of one spec) get their run names.
   const seen = new Map();
@@ -147,11 +126,20 @@ function xValues(series, xMode, run) {
   return series[xMode];
 }
 
+/** One of figure_spec.json's trace templates with "$color", "$name", ... filled in. */
+function fromTemplate(kind, values, data) {
+  const fill = (v) => {
+    if (v && typeof v === 'object') return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, fill(x)]));
+    if (typeof v === 'string' && v[0] === '$' && v.slice(1) in values) return values[v.slice(1)];
+    return typeof v === 'string' ? v.replace(/\$(\w+)/g, (m, k) => (k in values ? String(values[k]) : m)) : v;
+  };
+  return { ...fill(FIGURE.traces[kind]), ...data };
+}
+
 /** Plotly traces for the groups: raw curves faint, smoothed on top, bands, LR below. */
 export function buildTraces(groups, data, st) {
   const metric = METRICS[st.key];
-  const scale = metric.scale || 1;
-  const smoothOn = st.smooth > 0 && !metric.markers;
+  const smooth = st.smooth > 0 && !metric.markers ? st.smooth : 0;
   const traces = [];
   const curveOf = (run, key, factor) => {
     const s = data[String(run.id)]?.[key];
@@ -159,99 +147,40 @@ export function buildTraces(groups, data, st) {
     return { x: xValues(s, st.x, run), y: factor === 1 ? s.value : s.value.map((v) => (v == null ? null : v * factor)), run };
   };
   for (const g of groups) {
-    const name = escapeHtml(g.label);
-    const legendgroup = g.key;
-    const curves = g.runs.map((r) => curveOf(r, st.key, scale)).filter(Boolean);
-    const width = g.isBaseline ? 2 : 1.6;
-    const mode = metric.markers ? 'lines+markers' : 'lines';
-    const marker = metric.markers ? { size: 4, color: g.color } : undefined;
-    const common = { type: 'scatter', legendgroup, meta: { group: g.key, baseline: g.isBaseline } };
-    let first = true;
-    const line = (x, y, extra) => {
-      const trace = {
-        ...common,
-        mode,
-        x,
-        y,
-        name,
-        showlegend: first,
-        line: { color: g.color, width },
-        hovertemplate: `%{y:.4g}<extra>${name}</extra>`,
-        ...extra,
-      };
-      if (marker) trace.marker = marker;
+    const width = g.isBaseline ? FIGURE.baseline.width : FIGURE.line_width;
+    const values = { color: g.color, width, name: escapeHtml(g.label), faint: withAlpha(g.color, FIGURE.raw_alpha), fill: withAlpha(g.color, FIGURE.band_alpha) };
+    let shown = false;
+    const add = (kind, x, y, meta) => {
+      const trace = fromTemplate(kind, values, { legendgroup: g.key, x, y, meta: { group: g.key, baseline: g.isBaseline, ...meta } });
+      if (kind === 'curve') {
+        Object.assign(trace, { name: values.name, showlegend: !shown }, metric.markers ? fromTemplate('markers', values) : {});
+        shown = true;
+      }
       traces.push(trace);
-      first = false;
     };
-    const faint = (x, y) =>
-      traces.push({
-        ...common,
-        mode: 'lines',
-        x,
-        y,
-        showlegend: false,
-        hoverinfo: 'skip',
-        line: { color: withAlpha(g.color, 0.22), width: 1 },
-        meta: { ...common.meta, raw: true },
-      });
+    const curves = g.runs.map((r) => curveOf(r, st.key, metric.scale || 1)).filter(Boolean);
     if (curves.length === 0) {
-      // Keep the configuration in the legend even before it has points.
-      line([], []);
+      add('curve', [], []); // the configuration stays in the legend before it has points
       continue;
     }
     if (curves.length > 1 && st.band !== 'off') {
-      const smoothed = curves.map((c) => ({ x: c.x, y: smoothOn ? debiasedEma(c.y, st.smooth) : c.y }));
-      const agg = aggregate(smoothed, st.band);
-      traces.push({
-        ...common,
-        mode: 'lines',
-        x: agg.x,
-        y: agg.lo,
-        showlegend: false,
-        hoverinfo: 'skip',
-        line: { width: 0, color: g.color },
-        meta: { ...common.meta, band: 'lo' },
-      });
-      traces.push({
-        ...common,
-        mode: 'lines',
-        x: agg.x,
-        y: agg.hi,
-        fill: 'tonexty',
-        fillcolor: withAlpha(g.color, 0.18),
-        showlegend: false,
-        hoverinfo: 'skip',
-        line: { width: 0, color: g.color },
-        meta: { ...common.meta, band: st.band },
-      });
-      if (smoothOn) {
-        const rawMean = aggregate(curves, st.band);
-        faint(rawMean.x, rawMean.mean);
+      const agg = aggregate(curves.map((c) => ({ x: c.x, y: debiasedEma(c.y, smooth) })), st.band);
+      add('band_lo', agg.x, agg.lo, { band: 'lo' });
+      add('band_hi', agg.x, agg.hi, { band: st.band });
+      if (smooth) {
+        const raw = aggregate(curves, st.band);
+        add('raw', raw.x, raw.mean, { raw: true });
       }
-      line(agg.x, agg.mean, { meta: { ...common.meta, mean: true, runs: curves.map((c) => c.run.id) } });
+      add('curve', agg.x, agg.mean, { mean: true, runs: curves.map((c) => c.run.id) });
     } else {
       for (const c of curves) {
-        if (smoothOn) faint(c.x, c.y);
-        line(c.x, smoothOn ? debiasedEma(c.y, st.smooth) : c.y, {
-          meta: { ...common.meta, run: c.run.id },
-        });
+        if (smooth) add('raw', c.x, c.y, { raw: true });
+        add('curve', c.x, debiasedEma(c.y, smooth), { run: c.run.id });
       }
     }
     // LR below: the schedule is the same for every seed, so one curve per configuration.
-    const lr = curveOf(g.runs[0], 'lr', 1);
-    if (lr && st.key !== 'lr') {
-      traces.push({
-        ...common,
-        mode: 'lines',
-        x: lr.x,
-        y: lr.y,
-        yaxis: 'y2',
-        showlegend: false,
-        line: { color: g.color, width: 1.2 },
-        hovertemplate: `LR %{y:.4g}<extra>${name}</extra>`,
-        meta: { ...common.meta, lr: true },
-      });
-    }
+    const lr = st.key !== 'lr' && curveOf(g.runs[0], 'lr', 1);
+    if (lr) add('lr', lr.x, lr.y, { lr: true });
   }
   return traces;
 }
@@ -266,6 +195,7 @@ export async function mount(root, route) {
   let liveTimer = null;
   let zoomTimer = null;
   let fetchSeq = 0;
+  let missing = []; // ids in the URL that are no run (the API's `missing`)
   let Plotly = null;
   let chartReady = false;
 
@@ -327,7 +257,13 @@ export async function mount(root, route) {
   const status = h('span', { class: 'muted small' });
   const chart = h('div', { class: 'chart compare-chart', id: 'compare-chart' });
   const table = h('div', { class: 'table-wrap' });
-  const message = h('p', { class: 'empty', hidden: true });
+  const message = h('div', { class: 'empty', hidden: true });
+  const notice = h('p', { class: 'notice', hidden: true });
+  // The comparison's points at full resolution (GET /api/metrics.csv|parquet?runs=...).
+  const csvLink = h('a', { class: 'button', download: '', title: 'every point of the compared runs, as CSV' }, 'CSV');
+  const parquetLink = h('a', { class: 'button', download: '', title: 'every point of the compared runs, as Parquet' }, 'Parquet');
+  const parallelLink = h('a', { class: 'button', title: 'spec fields that differ against final error' }, 'Parallel coordinates');
+  const exports = h('span', { class: 'exports' }, h('span', { class: 'muted small' }, 'download'), csvLink, parquetLink);
 
   replace(
     root,
@@ -347,7 +283,10 @@ export async function mount(root, route) {
         bandSel,
         h('span', { class: 'spacer' }),
         status,
+        exports,
+        parallelLink,
       ),
+      notice,
       message,
       chart,
       table,
@@ -368,6 +307,19 @@ export async function mount(root, route) {
     );
     baselineSel.value = st.baseline ? String(st.baseline) : '';
     setText(pickerSummary, `${runs.length} run${runs.length === 1 ? '' : 's'} ▾`);
+    const ids = runs.map((r) => r.id);
+    exports.hidden = !runs.length;
+    parallelLink.hidden = runs.length < 2;
+    csvLink.href = api.metricsExportUrl(ids, 'csv');
+    parquetLink.href = api.metricsExportUrl(ids, 'parquet');
+    parallelLink.href = href('parallel', { runs: ids });
+  }
+
+  /** Ids of the link that are no run: said, not dropped silently. */
+  function showMissing() {
+    notice.hidden = !missing.length;
+    const many = missing.length > 1;
+    setText(notice, `Run${many ? 's' : ''} ${missing.join(', ')} ${many ? 'do' : 'does'} not exist (deleted?) and ${many ? 'are' : 'is'} left out.`);
   }
 
   // ---------- picker ----------
@@ -410,6 +362,7 @@ export async function mount(root, route) {
   // ---------- data ----------
   async function resolveRuns() {
     allRuns = await api.runs({});
+    missing = [];
     if (st.group) {
       runs = await api.runs({ group: st.group });
       runs.sort((a, b) => a.id - b.id);
@@ -417,10 +370,11 @@ export async function mount(root, route) {
       if (!st.baseline) st.baseline = runs.find((r) => r.is_baseline)?.id ?? null;
     } else {
       const known = new Map(allRuns.map((r) => [r.id, r]));
-      const missing = st.runs.filter((id) => !known.has(id));
-      const extra = await Promise.all(missing.map((id) => api.run(id).catch(() => null)));
+      const unknown = st.runs.filter((id) => !known.has(id));
+      const extra = await Promise.all(unknown.map((id) => api.run(id).catch(() => null)));
       for (const r of extra) if (r) known.set(r.id, r);
       runs = st.runs.map((id) => known.get(id)).filter(Boolean);
+      missing = st.runs.filter((id) => !known.has(id));
     }
     if (st.baseline && !runs.some((r) => r.id === st.baseline)) st.baseline = null;
   }
@@ -435,17 +389,24 @@ export async function mount(root, route) {
     if (st.xr) {
       // A zoomed range: one read per run (/api/runs/ID/metrics takes x_min/x_max), each
       // at full resolution inside the range. Samples map to a different step range per run.
+      // The ids, not `runs`: a link with a range reads its curves before the run list
+      // arrives (runs is still empty then, which once read nothing and drew bare axes).
+      const byId = new Map(runs.map((r) => [r.id, r]));
       const parts = await Promise.all(
-        runs.map((r) => {
+        ids.map((id) => {
           // A margin on each side keeps lines whole while the user pans a little.
           const pad = 0.25 * (st.xr[1] - st.xr[0]);
           let [lo, hi] = [st.xr[0] - pad, st.xr[1] + pad];
           if (st.x === 'samples') {
-            const kn = derivedOf(r).kn;
+            const kn = byId.has(id) ? derivedOf(byId.get(id)).kn : 1;
             [lo, hi] = [Math.floor(lo / kn) - 1, Math.ceil(hi / kn)];
           }
           const params = { keys, x: apiX, max_points: MAX_POINTS, x_min: Math.max(0, lo), x_max: hi };
-          return api.runMetrics(r.id, params);
+          // An id that is no run (deleted) reads as no curves; resolveRuns reports it.
+          return api.runMetrics(id, params).catch((err) => {
+            if (err.status === 404) return { series: {} };
+            throw err;
+          });
         }),
       );
       out = Object.fromEntries(parts.map((p, i) => [String(ids[i]), p.series]));
@@ -478,8 +439,16 @@ export async function mount(root, route) {
     if (stopped) return;
     writeState(st);
     if (!runs.length) {
-      setText(message, 'Pick runs to compare: tick them in the Runs table, or open a group above.');
+      replace(
+        message,
+        h('strong', null, 'No runs to compare yet.'),
+        h('br'),
+        'Tick runs in the ',
+        h('a', { href: '#/runs' }, 'Runs table'),
+        ' and press Compare, or pick runs or a group in the “runs” menu above.',
+      );
       message.hidden = false;
+      announceDrawn({ view: 'compare', traces: 0, runs: 0, empty: true });
       chart.hidden = true;
       replace(table);
       return;
@@ -492,19 +461,15 @@ export async function mount(root, route) {
     const traces = buildTraces(groups, data, st);
     const metric = METRICS[st.key];
     const hasLr = traces.some((t) => t.yaxis === 'y2');
-    const layout = baseLayout({
-      hovermode: 'closest',
-      height: 560,
-      margin: { l: 64, r: 16, t: 8, b: 44 },
-      // Above the plot, out of the curves' way (Plotly grows the top margin to fit it).
-      legend: { orientation: 'h', x: 0, xanchor: 'left', y: 1.01, yanchor: 'bottom', font: { size: 12 } },
-      xaxis: axis({ title: { text: X_AXES[st.x] }, anchor: hasLr ? 'y2' : 'y', range: st.xr || undefined, autorange: st.xr ? false : true }),
-      yaxis: axis({ title: { text: metric.label }, type: st.logy ? 'log' : 'linear', domain: hasLr ? [0.3, 1] : [0, 1], exponentformat: 'power' }),
-      yaxis2: axis({ title: { text: 'LR' }, domain: [0, 0.22], rangemode: 'tozero' }),
+    const lr = FIGURE.lr_panel;
+    const layout = {
+      ...FIGURE.layout,
+      xaxis: axis({ title: { text: X_AXES[st.x] }, anchor: hasLr ? 'y2' : 'y', range: st.xr || undefined, autorange: !st.xr }),
+      yaxis: axis({ title: { text: metric.label }, exponentformat: 'power', domain: hasLr ? lr.curves_domain : [0, 1], type: st.logy ? 'log' : 'linear' }),
       uirevision: `${st.x}|${st.key}|${st.logy}|${runs.map((r) => r.id).join(',')}`,
-    });
-    if (!hasLr) delete layout.yaxis2;
-    await Plotly.react(chart, traces, layout, PLOT_CONFIG);
+    };
+    if (hasLr) layout.yaxis2 = axis({ title: { text: lr.title }, domain: lr.domain, rangemode: 'tozero' });
+    await Plotly.react(chart, traces, themed(layout), PLOT_CONFIG);
     if (!chartReady) {
       chartReady = true;
       chart.on('plotly_relayout', onRelayout);
@@ -553,10 +518,15 @@ export async function mount(root, route) {
         syncControls();
         fillPicker();
       }
+      showMissing();
+      if (!runs.length) {
+        // Nothing to read: say how to pick runs instead of "loading…" for ever.
+        setText(status, '');
+        await redraw();
+        return;
+      }
       setText(status, 'loading…');
-      let fresh = early ? await early : await fetchData();
-      // Ids in the URL that are not runs (deleted) were read for nothing: read again.
-      if (fresh && early && runs.length !== st.runs.length) fresh = await fetchData();
+      const fresh = early ? await early : await fetchData();
       if (stopped || fresh === null) return;
       data = fresh;
       setText(status, '');
@@ -608,7 +578,8 @@ export async function mount(root, route) {
   // ---------- start ----------
   syncControls();
   await reload(true);
-  const gl = await api.sweeps().catch(() => []); // the group menu: after the first draw
+  // The group menu (sweeps and comparison groups): after the first draw.
+  const gl = await api.sweeps({ kind: 'all' }).catch(() => []);
   replace(
     groupSel,
     h('option', { value: '' }, '—'),

@@ -74,4 +74,9 @@ export function paperLabel(run) {
   return `kn=${formatKn(kn)}, η=${num(peak)}${warm ? `, ${warm}` : ''}`;
 }
 
+// The run statuses of core/status.py (RunStatus, FINAL_STATUSES); tests/test_status.py
+// fails when the two lists differ.
+export const STATUSES = ['queued', 'running', 'succeeded', 'failed', 'diverged', 'cancelled'];
 export const TERMINAL = new Set(['succeeded', 'failed', 'diverged', 'cancelled']);
+// By name, for the views: STATUS.QUEUED === 'queued'.
+export const STATUS = Object.freeze(Object.fromEntries(STATUSES.map((s) => [s.toUpperCase(), s])));

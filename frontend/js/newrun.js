@@ -1,12 +1,13 @@
-// #/new : the RunSpec form, a live preview of the planned LR curve (POST /api/schedule,
-// debounced) and submission of one run (optionally with its baseline) or of a sweep over
-// total batch sizes and seeds. Validation is the server's: every 422 error is shown next
-// to the field named by the last element of its `loc`.
+// #/new : the RunSpec form, a live preview (debounced) of the runs it would create (POST
+// /api/plan/run or /api/plan/sweep: sizes, baselines, warnings) and of their planned LR
+// curves (POST /api/schedule), and submission of one run (optionally with its baseline) or
+// of a sweep over total batch sizes and seeds. Validation is the server's: every 422 error
+// is shown next to the field named by the last element of its `loc`.
 //
 // State in the URL: fields that differ from the defaults, mode=sweep, batch_sizes, seeds,
 // name, baseline=1, or from=ID to start from an existing run's spec.
 
-import { api, ApiError } from './api.js';
+import { api, ApiError, request } from './api.js';
 import { h, replace, setText } from './escape.js';
 import { formatKn, num } from './format.js';
 import {
@@ -20,7 +21,7 @@ import {
   purge,
 } from './plots.js';
 import { go, replaceQuery } from './router.js';
-import { defaultSpec, FIELD_BY_NAME, FIELDS, GROUPS } from './spec_fields.js';
+import { defaultSpec, FIELDS, GROUPS } from './spec_fields.js';
 
 const DEBOUNCE_MS = 200;
 const MAX_SWEEP_PREVIEW = 12;
@@ -37,6 +38,26 @@ const RELEVANT = {
   decay_factor: (s) => s.decay === 'step',
   momentum_correction: (s) => s.momentum_form === 'caffe',
 };
+
+// Cross-field rules (trainer/spec.py) put their error on the later field; the user may have
+// changed another one of these: the error is shown there too (the field last edited).
+const CAUSES = {
+  dataset: ['model'],
+  dataset_size: ['dataset', 'model'],
+  data_root: ['dataset'],
+  batch_per_worker: ['workers', 'dataset', 'dataset_size'],
+  nproc: ['workers'],
+  micro_batch: ['batch_per_worker'],
+  warmup_epochs: ['epochs', 'warmup'],
+  milestones: ['epochs', 'decay'],
+  nesterov: ['momentum'],
+  ghost_batch: ['norm', 'batch_per_worker'],
+};
+
+/** The paper's 30, 60, 80 of 90 epochs scaled to `epochs` (RunSpec's default milestones). */
+export function paperMilestones(epochs) {
+  return [30, 60, 80].map((m) => Math.round((epochs * m * 100) / 90) / 100);
+}
 
 /**
  * Expand a list of total batch sizes: "32, 64, 128, ..., 4096" continues the last ratio
@@ -72,26 +93,6 @@ function parseNumber(token) {
   return token !== '' && Number.isFinite(x) ? x : token;
 }
 
-/** The spec at another total batch, keeping n per worker where it divides (as RunSpec does). */
-export function withTotalBatch(spec, total) {
-  let n = spec.batch_per_worker;
-  let k;
-  if (total % n === 0 && total >= n) k = total / n;
-  else [k, n] = [1, total];
-  const nproc = k % spec.nproc === 0 ? spec.nproc : 1;
-  return { ...spec, workers: k, batch_per_worker: n, nproc };
-}
-
-/** The matching baseline: kn = ref_batch with the same n where possible, no warmup. */
-export function baselineOf(spec) {
-  let n = spec.batch_per_worker;
-  let k;
-  if (spec.ref_batch % n === 0) k = spec.ref_batch / n;
-  else [k, n] = [1, spec.ref_batch];
-  const nproc = k % spec.nproc === 0 ? spec.nproc : 1;
-  return { ...spec, workers: k, batch_per_worker: n, nproc, warmup: 'none' };
-}
-
 export async function mount(root, route) {
   const inputs = {}; // field name -> input element
   const slots = {}; // field name -> {wrap, err}
@@ -99,6 +100,7 @@ export async function mount(root, route) {
   let previewAbort = null;
   let stopped = false;
   let plotted = false;
+  let lastEdited = null; // the spec field the user changed last (CAUSES)
 
   // ---------- controls outside the spec ----------
   const nameInput = h('input', { type: 'text', name: 'name', placeholder: 'optional, e.g. kn=1k gradual' });
@@ -125,6 +127,12 @@ export async function mount(root, route) {
   const formError = h('p', { class: 'error', hidden: true });
   const stats = h('div', { class: 'stats-box' });
   const previewNote = h('p', { class: 'muted small' });
+  // The plan's "no live worker serves queue gpu" warnings, right above the button.
+  const queueWarn = h('p', {
+    class: 'queue-warning small',
+    hidden: true,
+    style: { color: 'var(--warn)', whiteSpace: 'pre-line' },
+  });
   const chart = h('div', { class: 'chart lr-preview', id: 'lr-preview' });
 
   function slot(name, label, control, help, extraClass = '') {
@@ -220,6 +228,7 @@ export async function mount(root, route) {
         ' with baseline (k·n = ref batch, no warmup)',
       ),
       formError,
+      queueWarn,
       submitBtn,
     ),
   );
@@ -262,13 +271,6 @@ export async function mount(root, route) {
     return modeSweep.checked;
   }
 
-  function readSeeds() {
-    return seedsInput.value
-      .split(/[\s,;]+/)
-      .filter(Boolean)
-      .map(parseNumber);
-  }
-
   function saveQuery(spec) {
     const q = {};
     const defaults = defaultSpec();
@@ -302,6 +304,7 @@ export async function mount(root, route) {
 
   function resetDefaults() {
     setInputs(defaultSpec());
+    epochsShown = Number(defaultSpec().epochs);
     clearErrors();
     onChange();
   }
@@ -323,13 +326,19 @@ export async function mount(root, route) {
     for (const e of err.fieldErrors()) {
       const s = slots[e.field];
       if (!s) {
-        loose.push(`${e.loc.join('.')}: ${e.msg}`);
+        loose.push(e.line);
         continue;
       }
       const text = e.index != null ? `[${e.index}] ${e.msg}` : e.msg;
-      setText(s.err, s.err.textContent ? `${s.err.textContent}; ${text}` : text);
-      s.wrap.classList.add('invalid');
-      first = first || s.wrap;
+      const shown = [s];
+      if (lastEdited && lastEdited !== e.field && (CAUSES[e.field] || []).includes(lastEdited)) {
+        shown.unshift(slots[lastEdited]); // the field just changed comes first
+      }
+      for (const t of shown) {
+        setText(t.err, t.err.textContent ? `${t.err.textContent}; ${text}` : text);
+        t.wrap.classList.add('invalid');
+      }
+      first = first || shown[0].wrap;
     }
     if (!err.fieldErrors().length) loose.push(err.message);
     if (loose.length) {
@@ -350,7 +359,12 @@ export async function mount(root, route) {
   }
 
   // ---------- preview ----------
-  function onChange() {
+  function onChange(ev) {
+    const edited = ev?.target?.name;
+    if (edited && inputs[edited]) {
+      if (edited === 'epochs' && ev.type === 'input') followEpochs();
+      lastEdited = edited;
+    }
     const spec = readSpec();
     markRelevance(spec);
     saveQuery(spec);
@@ -362,17 +376,34 @@ export async function mount(root, route) {
     previewTimer = setTimeout(preview, DEBOUNCE_MS);
   }
 
+  /** Milestones still at the scaled default of the old epochs follow the new epochs. */
+  let epochsShown = Number(defaultSpec().epochs);
+  function followEpochs() {
+    const epochs = Number(inputs.epochs.value);
+    const ms = inputs.milestones;
+    if (ms.value === paperMilestones(epochsShown).join(', ') && Number.isInteger(epochs) && epochs >= 1) {
+      ms.value = paperMilestones(epochs).join(', ');
+    }
+    if (Number.isInteger(epochs) && epochs >= 1) epochsShown = epochs;
+  }
+
+  /** The body of POST /api/runs or /api/sweeps; the plan preview takes the same one. */
+  function body() {
+    const b = { name: nameInput.value.trim() || undefined, spec: readSpec(), baseline: baselineBox.checked };
+    const seeds = seedsInput.value.split(/[\s,;]+/).filter(Boolean).map(parseNumber);
+    return isSweep() ? { ...b, batch_sizes: parseBatchSizes(sizesInput.value), seeds } : b;
+  }
+
   async function preview() {
     if (stopped) return;
     if (previewAbort) previewAbort.abort();
     const abort = new AbortController();
     previewAbort = abort;
-    const spec = readSpec();
-    const opts = { signal: abort.signal };
-    // The spec as typed is validated first: its errors belong to the form's fields.
-    let main;
+    const opts = { prompt: false, signal: abort.signal };
+    // The server plans the runs (sizes, baselines); a 422 names the form's fields.
+    let plan;
     try {
-      main = await api.schedule(spec, opts);
+      plan = await request('POST', `/api/plan/${isSweep() ? 'sweep' : 'run'}`, body(), opts);
     } catch (err) {
       if (abort.signal.aborted || stopped) return;
       if (err instanceof ApiError && err.status === 422) {
@@ -384,36 +415,35 @@ export async function mount(root, route) {
       }
       return;
     }
-    // Then one curve per sweep size (and the baseline); a size that cannot run is listed.
-    const curves = [];
-    if (isSweep()) {
-      const sizes = parseBatchSizes(sizesInput.value).filter((s) => Number.isInteger(s) && s > 0);
-      sizes.slice(0, MAX_SWEEP_PREVIEW).forEach((kn, i) => {
-        curves.push({ spec: withTotalBatch(spec, kn), kn, label: `kn=${formatKn(kn)}`, color: colorAt(i) });
-      });
-    } else {
-      curves.push({ spec, label: 'this run', color: colorAt(0), answer: main });
-    }
-    if (baselineBox.checked) {
-      curves.push({ spec: baselineOf(spec), label: 'baseline', color: BASELINE_COLOR, baseline: true });
-    }
-    const settled = await Promise.allSettled(
-      curves.map((c) => (c.answer ? Promise.resolve(c.answer) : api.schedule(c.spec, opts))),
-    );
+    // One curve per total batch (seeds share a schedule), the baselines dotted and last.
+    const seen = new Set();
+    const runs = plan.runs.filter((r) => !seen.has(r.derived.total_batch) && seen.add(r.derived.total_batch));
+    const sized = runs.filter((r) => !r.is_baseline);
+    const curves = [
+      ...sized.slice(0, MAX_SWEEP_PREVIEW).map((r, i) => ({
+        spec: r.spec,
+        label: isSweep() ? `kn=${formatKn(r.derived.total_batch)}` : 'this run',
+        color: colorAt(i),
+      })),
+      ...runs.filter((r) => r.is_baseline).map((r) => ({ spec: r.spec, label: 'baseline', color: BASELINE_COLOR, baseline: true })),
+    ];
+    const settled = await Promise.allSettled(curves.map((c) => api.schedule(c.spec, opts)));
     if (stopped || abort.signal.aborted) return;
     clearErrors();
     chart.classList.remove('stale');
     const ok = [];
-    const notes = [];
+    const isQueueWarning = (w) => w.startsWith('no live worker serves queue');
+    const queueNotes = plan.warnings.filter(isQueueWarning);
+    setText(queueWarn, queueNotes.join('\n'));
+    queueWarn.hidden = queueNotes.length === 0;
+    const notes = [...plan.errors.map((e) => e.msg), ...plan.warnings.filter((w) => !isQueueWarning(w))];
     settled.forEach((r, i) => {
       if (r.status === 'fulfilled') ok.push({ ...curves[i], answer: r.value });
       else notes.push(`${curves[i].label}: ${r.reason?.message || r.reason}`);
     });
-    if (isSweep() && parseBatchSizes(sizesInput.value).length > MAX_SWEEP_PREVIEW) {
-      notes.push(`first ${MAX_SWEEP_PREVIEW} sizes drawn`);
-    }
+    if (sized.length > MAX_SWEEP_PREVIEW) notes.push(`first ${MAX_SWEEP_PREVIEW} sizes drawn`);
     setText(previewNote, notes.join('\n'));
-    renderStats(isSweep() ? ok.filter((c) => !c.baseline) : [{ answer: main }]);
+    renderStats(isSweep() ? ok : ok.slice(0, 1));
     await draw(ok);
   }
 
@@ -487,24 +517,10 @@ export async function mount(root, route) {
   async function onSubmit(ev) {
     ev.preventDefault();
     clearTimeout(previewTimer);
-    const spec = readSpec();
-    const name = nameInput.value.trim() || undefined;
     submitBtn.disabled = true;
     try {
-      if (isSweep()) {
-        const body = {
-          name,
-          spec,
-          batch_sizes: parseBatchSizes(sizesInput.value),
-          seeds: readSeeds(),
-          baseline: baselineBox.checked,
-        };
-        const res = await api.createSweep(body);
-        go(`sweep/${res.sweep.id}`);
-      } else {
-        const res = await api.createRun({ name, spec, baseline: baselineBox.checked });
-        go(`run/${res.run.id}`);
-      }
+      if (isSweep()) go(`sweep/${(await api.createSweep(body())).sweep.id}`);
+      else go(`run/${(await api.createRun(body())).run.id}`);
     } catch (err) {
       if (stopped) return;
       if (err instanceof ApiError && err.status === 422) {
@@ -536,6 +552,7 @@ export async function mount(root, route) {
     }
   }
   setInputs(initial);
+  epochsShown = Number(initial.epochs);
   if (route.query.get('mode') === 'sweep') modeSweep.checked = true;
   if (route.query.has('batch_sizes')) sizesInput.value = route.query.get('batch_sizes');
   if (route.query.has('seeds')) seedsInput.value = route.query.get('seeds');
@@ -550,6 +567,3 @@ export async function mount(root, route) {
     if (plotted) purge(chart);
   };
 }
-
-// Field metadata is re-exported for the schema drift test (tests/browser/test_newrun.py).
-export { FIELD_BY_NAME, FIELDS };

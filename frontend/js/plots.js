@@ -22,14 +22,68 @@ export function loadPlotly() {
   return plotlyPromise;
 }
 
-export const BASELINE_COLOR = '#111111';
+// The compare figure's specification (palette, trace templates, layout), which the
+// notebook's batchlab/figure.py reads too; the other charts share its palette and look.
+export const FIGURE = await (await fetch(new URL('../figure_spec.json', import.meta.url))).json();
+export const PALETTE = FIGURE.palette;
 
-// Tableau 10 without its grey: distinct, print-friendly, none close to black.
-export const PALETTE = [
-  '#4e79a7', '#e15759', '#f28e2b', '#59a14f', '#b07aa1',
-  '#76b7b2', '#edc948', '#ff9da7', '#9c755f', '#2f4b7c',
-  '#d62728', '#17becf',
-];
+// Dark mode follows the system setting (prefers-color-scheme, as app.css does).
+// figure_spec.json's light look is the spec the notebook shares; dark overrides only the
+// background, grid and text, and the baseline's black, which would vanish on dark paper.
+const DARK_QUERY = window.matchMedia ? window.matchMedia('(prefers-color-scheme: dark)') : null;
+export const DARK = {
+  paper: '#161b22',
+  text: '#d4d9e1',
+  grid: '#2a303a',
+  line: '#566072',
+  legend: 'rgba(22,27,34,0.85)',
+  baseline: '#e6e6e6',
+};
+
+export function isDark() {
+  return Boolean(DARK_QUERY && DARK_QUERY.matches);
+}
+
+// A live binding: views that import it read the colour of the current scheme.
+export let BASELINE_COLOR = isDark() ? DARK.baseline : FIGURE.baseline.color;
+
+/** A layout in the current scheme: dark paper, grid and text when the system is dark. */
+export function themed(layout) {
+  if (!isDark()) return layout;
+  const out = {
+    ...layout,
+    paper_bgcolor: DARK.paper,
+    plot_bgcolor: DARK.paper,
+    font: { ...(layout.font || {}), color: DARK.text },
+  };
+  for (const key of Object.keys(out)) {
+    if (/^[xy]axis\d*$/.test(key)) {
+      out[key] = { ...out[key], gridcolor: DARK.grid, zerolinecolor: DARK.line, linecolor: DARK.line, tickcolor: DARK.line };
+    }
+  }
+  if (out.legend && out.legend.bgcolor !== 'rgba(0,0,0,0)') {
+    out.legend = { ...out.legend, bgcolor: DARK.legend, bordercolor: DARK.grid };
+  }
+  return out;
+}
+
+// The system switched scheme: re-colour the charts on the page now (the next draw of
+// each view picks the new baseline colour up).
+DARK_QUERY?.addEventListener?.('change', () => {
+  BASELINE_COLOR = isDark() ? DARK.baseline : FIGURE.baseline.color;
+  if (!window.Plotly) return;
+  for (const el of document.querySelectorAll('.js-plotly-plot')) {
+    const light = { paper_bgcolor: FIGURE.layout.paper_bgcolor, plot_bgcolor: FIGURE.layout.plot_bgcolor, font: { ...FIGURE.layout.font } };
+    const axes = Object.keys(el.layout || {}).filter((k) => /^[xy]axis\d*$/.test(k));
+    const base = { ...light, ...Object.fromEntries(axes.map((k) => [k, { ...FIGURE.axis }])) };
+    const next = themed({ ...base, legend: el.layout.legend });
+    const update = { paper_bgcolor: next.paper_bgcolor, plot_bgcolor: next.plot_bgcolor, 'font.color': next.font.color };
+    for (const k of axes) {
+      for (const prop of ['gridcolor', 'zerolinecolor', 'linecolor', 'tickcolor']) update[`${k}.${prop}`] = next[k][prop];
+    }
+    window.Plotly.relayout(el, update);
+  }
+});
 
 export function colorAt(i) {
   return PALETTE[i % PALETTE.length];
@@ -41,16 +95,10 @@ export function withAlpha(hex, alpha) {
   return `rgba(${(n >> 16) & 255},${(n >> 8) & 255},${n & 255},${alpha})`;
 }
 
-const FONT = {
-  family: 'system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif',
-  size: 12,
-  color: '#222',
-};
-
 /** Base layout: tight margins, light grid, no title bar (titles live in the page). */
 export function baseLayout(extra = {}) {
-  return {
-    font: FONT,
+  return themed({
+    font: FIGURE.layout.font,
     margin: { l: 56, r: 16, t: 24, b: 40 },
     paper_bgcolor: '#fff',
     plot_bgcolor: '#fff',
@@ -61,20 +109,11 @@ export function baseLayout(extra = {}) {
     xaxis: axis(),
     yaxis: axis(),
     ...extra,
-  };
+  });
 }
 
 export function axis(extra = {}) {
-  return {
-    gridcolor: '#eceef1',
-    zerolinecolor: '#d0d4da',
-    linecolor: '#aab',
-    showline: true,
-    ticks: 'outside',
-    tickcolor: '#aab',
-    automargin: true,
-    ...extra,
-  };
+  return { ...FIGURE.axis, ...extra };
 }
 
 export const PLOT_CONFIG = {

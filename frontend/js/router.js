@@ -1,4 +1,5 @@
-// Hash routes: #/runs, #/new, #/run/12, #/compare?runs=1,2&baseline=1, #/sweep/3.
+// Hash routes: #/runs, #/new, #/run/12, #/compare?runs=1,2&baseline=1, #/sweep/3,
+// #/sweep (the list of sweeps and comparison groups), #/parallel?runs=1,2,3 (or ?group=3).
 // Each view keeps its state in the query part, so a copied link reproduces the view.
 // Views update that state with replaceQuery(), which does not re-mount the view.
 
@@ -17,7 +18,7 @@ export function href(path, query) {
   const sp = new URLSearchParams();
   const entries = query instanceof URLSearchParams ? query.entries() : Object.entries(query || {});
   for (const [k, v] of entries) {
-    if (v == null || v === '') continue;
+    if (v == null || v === '' || (Array.isArray(v) && !v.length)) continue;
     sp.set(k, Array.isArray(v) ? v.join(',') : String(v));
   }
   // Commas stay readable in ids lists: runs=1,2,3 rather than runs=1%2C2%2C3.

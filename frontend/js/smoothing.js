@@ -30,16 +30,20 @@ export function debiasedEma(values, s) {
   return out;
 }
 
-/** Linear interpolation of (xs, ys) at x (xs increasing); null outside [xs[0], xs[-1]]. */
+/**
+ * Linear interpolation of (xs, ys) at x (xs increasing), as numpy.interp; null outside
+ * [xs[0], xs[-1]] and next to a gap (null).
+ */
 function interpAt(xs, ys, x, hint) {
   const n = xs.length;
   if (n === 0 || x < xs[0] || x > xs[n - 1]) return { y: null, hint };
   let j = hint;
-  while (j < n - 1 && xs[j + 1] < x) j++;
+  while (j < n - 1 && xs[j + 1] <= x) j++;
   if (xs[j] === x || j === n - 1) return { y: ys[j], hint: j };
   const x0 = xs[j];
   const x1 = xs[j + 1];
   const t = x1 === x0 ? 0 : (x - x0) / (x1 - x0);
+  if (ys[j] == null || ys[j + 1] == null) return { y: null, hint: j };
   return { y: ys[j] + t * (ys[j + 1] - ys[j]), hint: j };
 }
 

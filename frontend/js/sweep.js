@@ -1,3 +1,4 @@
+// #/sweep : the list of sweeps and comparison groups, newest first.
 // #/sweep/ID?err=final|median5|best : a batch-size sweep. Final validation error against
 // total batch size on a log2 axis with the baseline's error as a band (Figure 1 of Goyal
 // et al.), and seed 004's table: per batch size, iterations and time to the target
@@ -5,7 +6,7 @@
 
 import { api, ApiError } from './api.js';
 import { escapeHtml, h, replace, setText } from './escape.js';
-import { duration, formatKn, num, pct, TERMINAL } from './format.js';
+import { duration, formatKn, num, pct, shortTime, TERMINAL } from './format.js';
 import {
   announceDrawn,
   axis,
@@ -39,7 +40,59 @@ export function byBatch(rows) {
   return [...map.values()].sort((a, b) => a.kn - b.kn || b.baseline - a.baseline);
 }
 
+/** #/sweep: every group, linked to its sweep page, its curves and its parallel coordinates. */
+async function mountList(root) {
+  const body = h('tbody');
+  const empty = h('p', { class: 'empty', hidden: true }, 'No sweeps yet. ', h('a', { href: '#/new' }, 'Start one'), ' (New run, then “sweep”).');
+  replace(
+    root,
+    h(
+      'section',
+      { class: 'view sweeps-view' },
+      h('div', { class: 'toolbar' }, h('h1', null, 'Sweeps and groups')),
+      h(
+        'div',
+        { class: 'table-wrap' },
+        h(
+          'table',
+          { class: 'grid sweeps' },
+          h('thead', null, h('tr', null, ['id', 'name', 'kind', 'batch sizes', 'seeds', 'created', ''].map((t) => h('th', null, t)))),
+          body,
+        ),
+      ),
+      empty,
+    ),
+  );
+  const groups = await api.sweeps({ kind: 'all' });
+  empty.hidden = groups.length > 0;
+  replace(
+    body,
+    groups.map((g) =>
+      h(
+        'tr',
+        { dataset: { groupId: String(g.id) } },
+        h('td', { class: 'num' }, String(g.id)),
+        h('td', null, h('a', { href: `#/sweep/${g.id}` }, g.name || `${g.kind} ${g.id}`)),
+        h('td', null, g.kind),
+        h('td', null, (g.batch_sizes || []).map(formatKn).join(', ')),
+        h('td', null, (g.seeds || []).join(', ')),
+        h('td', { title: g.created_at || '' }, shortTime(g.created_at)),
+        h(
+          'td',
+          null,
+          h('a', { href: href('compare', { group: g.id }) }, 'curves'),
+          ' · ',
+          h('a', { href: href('parallel', { group: g.id }) }, 'parallel coordinates'),
+        ),
+      ),
+    ),
+  );
+  announceDrawn({ view: 'sweeps', rows: groups.length });
+  return () => {};
+}
+
 export async function mount(root, route) {
+  if (route.id == null) return mountList(root);
   const id = route.id;
   let errKey = ERR_FIELDS[route.query.get('err')] ? route.query.get('err') : 'final';
   let stopped = false;
@@ -60,6 +113,7 @@ export async function mount(root, route) {
   );
   errSel.value = errKey;
   const compareLink = h('a', { class: 'button', href: href('compare', { group: id }) }, 'Compare curves');
+  const parallelLink = h('a', { class: 'button', href: href('parallel', { group: id }), title: 'spec fields against final error' }, 'Parallel coordinates');
   const chart = h('div', { class: 'chart sweep-chart', id: 'sweep-chart' });
   const table = h('div', { class: 'table-wrap' });
   const note = h('p', { class: 'muted small' });
@@ -69,7 +123,7 @@ export async function mount(root, route) {
     h(
       'section',
       { class: 'view sweep-view' },
-      h('div', { class: 'toolbar' }, title, progress, h('span', { class: 'spacer' }), errSel, compareLink),
+      h('div', { class: 'toolbar' }, title, progress, h('span', { class: 'spacer' }), errSel, compareLink, parallelLink),
       info,
       h('h2', null, 'Error against minibatch size'),
       chart,

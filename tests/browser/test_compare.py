@@ -80,7 +80,7 @@ def test_baseline_black_others_coloured(page, figure_runs, ui) -> None:
     assert len(bands) == 1 and bands[0]["meta"]["baseline"]
     # Legends as in the paper, plus the final validation error.
     names = {t["name"] for t in shown}
-    assert any(n.startswith("kn=8k, η=3.2, gradual: 23.00%") for n in names), names
+    assert any(n.startswith("kn=8k, η=3.2, gradual warmup: 23.00%") for n in names), names
     assert any(n.startswith("kn=1k, η=0.4, gradual") for n in names), names
     assert any(n.startswith("kn=256, η=0.1, no warmup") and "(2 seeds)" in n for n in names)
     # Per epoch by default, training error in %, LR below on the same x axis.
@@ -150,3 +150,19 @@ def test_zoom_rereads_the_visible_range_in_full(page, seed, ui) -> None:
     assert "xr=1000,1800" in page.url
     after = [t for t in curves(chart_data(page))][0]["x"]
     assert set(range(1000, 1801)) <= set(after)  # every iteration in view
+
+
+def test_legend_clears_the_toolbar_and_the_curves(page, figure_runs, ui) -> None:
+    """Issue 12.7: at 1440 px the legend ran under Plotly's toolbar; it sits below now."""
+    base, big, mid = figure_runs["base"], figure_runs["big"], figure_runs["mid"]
+    ui.open(page, f"#/compare?runs={base[0]},{base[1]},{big},{mid}&baseline={base[0]}")
+    ui.wait_drawn(page, "compare")
+    chart = page.locator("#compare-chart")
+    chart.hover()  # the toolbar shows on hover
+    legend = chart.locator(".legend").bounding_box()
+    toolbar = chart.locator(".modebar").bounding_box()
+    plot = chart.locator(".xy2 .nsewdrag, .xy .nsewdrag").last.bounding_box()
+    assert legend["y"] > toolbar["y"] + toolbar["height"]
+    assert legend["y"] >= plot["y"] + plot["height"]  # beneath the curves and the LR panel
+    box = page.locator("#compare-chart").bounding_box()
+    assert legend["y"] + legend["height"] <= box["y"] + box["height"] + 2  # inside the chart

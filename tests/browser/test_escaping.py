@@ -14,7 +14,7 @@ EVIL_ERROR = "<script>window.__xss=2</script><b>boom</b>"
 def evil_runs(service, ui) -> list[int]:
     # Two specs that differ only where legends do not look (checkpointing): the compare
     # legend then tells them apart by their names.
-    spec = ui.full_spec(workers=4, epochs=2, warmup_epochs=1)
+    spec = ui.full_spec(workers=4, epochs=2, warmup_epochs=1, milestones=[1])
     return [
         ui.seed_run(service.engine, name=EVIL_NAME, spec=spec, status="failed", error=EVIL_ERROR),
         ui.seed_run(service.engine, name=EVIL_NAME + " 2", spec={**spec, "checkpoint": False}),

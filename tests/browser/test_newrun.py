@@ -98,6 +98,26 @@ def test_lr_preview_follows_the_form(page, service, ui) -> None:
     assert page.locator("form.newrun [name=workers]").input_value() == "8"
 
 
+def test_sweep_preview_draws_the_servers_plan(page, service, ui) -> None:
+    """One curve per size of POST /api/plan/sweep's plan (seeds share one), the baseline
+    dotted with the server's spec.baseline(); a size that cannot run is named below."""
+    ui.open(page, "#/new")
+    ui.wait_drawn(page, "new")
+    page.locator("input[name=mode][value=sweep]").check()
+    values = {**SMALL, "batch_per_worker": "8", "ref_batch": "16"}
+    fill(page, {**values, "batch_sizes": "32, 64, 1024", "seeds": "0, 1"})
+    page.locator("input[name=baseline]").check()
+    names = "[...(document.getElementById('lr-preview').data || [])].map(t => t.name).join()"
+    page.wait_for_function(f"{names} === 'kn=32,kn=64,baseline'")
+    assert (
+        "batch size 1024 gives an invalid spec" in page.locator(".form-side p.muted").inner_text()
+    )
+    spec = RunSpec.model_validate(values).baseline().model_dump(mode="json")
+    expected = service.http.post("/api/schedule", json=spec).json()
+    drawn = page.evaluate("document.getElementById('lr-preview').data[2]")
+    assert drawn["line"]["dash"] == "dot" and drawn["y"] == pytest.approx(expected["lr"])
+
+
 def test_422_errors_show_next_to_their_field(page, service, ui) -> None:
     ui.open(page, "#/new")
     ui.wait_drawn(page, "new")

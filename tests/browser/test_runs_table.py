@@ -12,7 +12,10 @@ def test_table_updates_live_and_filters(page, service, ui) -> None:
     from store import db, runs
 
     run_id = ui.seed_run(
-        service.engine, name="watch me", spec=ui.full_spec(epochs=4), status="queued"
+        service.engine,
+        name="watch me",
+        spec=ui.full_spec(epochs=4, milestones=[2, 3]),
+        status="queued",
     )
     ui.open(page, "#/runs")
     row = page.locator(f"tr[data-run-id='{run_id}']")

@@ -25,6 +25,7 @@ def locked(tmp_path, browser, ui) -> Iterator[SimpleNamespace]:
     context = ui.new_context(browser, url)
     page = context.new_page()
     page.set_default_timeout(15_000)
+    page.on("dialog", lambda d: d.accept())  # Cancel asks for confirmation
     try:
         yield SimpleNamespace(url=url, engine=engine, page=page)
     finally:
