@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import httpx
 
+from core.errors import field_errors, format_validation_error
+from core.settings import get_settings
+from core.status import FINAL_STATUSES, RunStatus
+
 if TYPE_CHECKING:
     import pandas as pd
     import plotly.graph_objects as go
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "diverged", "cancelled"})
 # How long Client.wait rides out a server that does not answer (a restart) before failing.
 WAIT_UNREACHABLE_S = 60.0
 # Columns of Client.metrics, in this order, also when no point matched.
@@ -37,7 +39,7 @@ METRIC_COLUMNS = ["run", "key", "step", "epoch", "wall_time", "value"]
 RUN_COLUMNS = [
     "id", "name", "status", "progress", "eta_s", "created_at", "started_at",
     "finished_at", "host", "gpus", "worker", "error", "diverged_step", "group_id",
-    "baseline_id", "is_baseline",
+    "baseline_id", "is_baseline", "tags", "notes", "archived", "parent_id",
 ]  # fmt: skip
 
 RunRef = int | str | Mapping[str, Any]
@@ -56,14 +58,14 @@ class APIError(Exception):
 class ValidationError(APIError):
     """The server rejected a spec or request (HTTP 422/400); nothing was stored.
 
-    ``errors`` lists ``(field, message)`` pairs, the field being the last part of the
-    offending location (``batch_per_worker``, ``spec``, ...).
+    ``errors`` lists ``(field, message)`` pairs (``core.errors``): the field is the last
+    name of the offending location with any list position (``batch_per_worker``,
+    ``batch_sizes[1]``), "" for an error about the whole request.
     """
 
-    def __init__(self, errors: list[tuple[str, str]], *, status_code: int, detail: Any):
-        self.errors = errors
-        message = "; ".join(f"{field}: {msg}" if field else msg for field, msg in errors)
-        super().__init__(message, status_code=status_code, detail=detail)
+    def __init__(self, *, status_code: int, detail: Any):
+        self.errors = field_errors(detail)
+        super().__init__(format_validation_error(detail), status_code=status_code, detail=detail)
 
 
 class NotFound(APIError):
@@ -94,8 +96,9 @@ class Client:
         timeout: float = 30.0,
         http: httpx.Client | None = None,
     ) -> None:
-        self.url = (url or os.environ.get("BATCHLAB_URL") or DEFAULT_URL).rstrip("/")
-        self.token = token if token is not None else os.environ.get("BATCHLAB_TOKEN") or None
+        settings = get_settings()
+        self.url = url.rstrip("/") if url else settings.url
+        self.token = token if token is not None else settings.token
         # Sent with each request rather than set on the httpx client, which may be shared.
         self._headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._owns_http = http is None
@@ -185,19 +188,86 @@ class Client:
         """One run as the server describes it (status, progress, summary, ...)."""
         return self._request("GET", f"/api/runs/{run_id(run)}")
 
-    def list_runs(self, status: str | None = None, group: int | None = None) -> list[dict]:
+    def list_runs(
+        self,
+        status: str | None = None,
+        group: int | None = None,
+        *,
+        archived: str | None = None,
+        q: str | None = None,
+        tag: str | None = None,
+    ) -> list[dict]:
         """Runs as dicts, newest first (see :meth:`runs` for a DataFrame)."""
-        params = {k: v for k, v in {"status": status, "group": group}.items() if v is not None}
+        given = {"status": status, "group": group, "archived": archived, "q": q, "tag": tag}
+        params = {k: v for k, v in given.items() if v is not None}
         return self._request("GET", "/api/runs", params=params)
 
-    def runs(self, status: str | None = None, group: int | None = None) -> pd.DataFrame:
+    def runs(
+        self,
+        status: str | None = None,
+        group: int | None = None,
+        *,
+        archived: str | None = None,
+        q: str | None = None,
+        tag: str | None = None,
+    ) -> pd.DataFrame:
         """One row per run, newest first: run fields, spec fields, derived figures, summary.
 
         Spec fields (``model``, ``workers``, ``batch_per_worker``, ...), derived figures
         (``total_batch``, ``peak_lr``, ...) and summary figures (``final_val_err``, ...)
         become columns of their own; a summary key that repeats a derived one is dropped.
+        Archived runs are left out unless ``archived="only"`` or ``"all"``; ``q`` searches
+        names, notes and tags (case-insensitive), ``tag`` keeps runs with that tag.
         """
-        return runs_frame(self.list_runs(status=status, group=group))
+        return runs_frame(
+            self.list_runs(status=status, group=group, archived=archived, q=q, tag=tag)
+        )
+
+    def update_run(
+        self,
+        run: RunRef,
+        *,
+        name: str | None = None,
+        tags: Sequence[str] | None = None,
+        notes: str | None = None,
+        archived: bool | None = None,
+    ) -> dict[str, Any]:
+        """Rename a run, replace its tags, set its notes or (un)archive it; the run after."""
+        given = {"name": name, "tags": None if tags is None else list(tags)}
+        given |= {"notes": notes, "archived": archived}
+        body = {k: v for k, v in given.items() if v is not None}
+        return self._request("PATCH", f"/api/runs/{run_id(run)}", json=body)
+
+    def export(
+        self, runs: RunRef | Sequence[RunRef], path: str | os.PathLike[str], format: str = "csv"
+    ) -> Path:
+        """Write every metric point of ``runs`` (columns run_id, key, step, epoch,
+        wall_time, value) to ``path`` as ``csv`` or ``parquet``, streamed to disk."""
+        if format not in ("csv", "parquet"):
+            raise ValueError(f"format: 'csv' or 'parquet', got {format!r}")
+        many = isinstance(runs, Sequence) and not isinstance(runs, str | Mapping)
+        ids = [run_id(r) for r in runs] if many else [run_id(runs)]  # type: ignore[union-attr]
+        url = f"/api/metrics.{format}"
+        params = {"runs": ",".join(map(str, ids))}
+        out = Path(path)
+        try:
+            with self._http.stream(
+                "GET", url, params=params, headers=self._headers, timeout=None
+            ) as response:
+                if response.is_error:
+                    response.read()
+                    raise _error_from(response)
+                with out.open("wb") as fh:
+                    for piece in response.iter_bytes():
+                        fh.write(piece)
+        except httpx.TransportError as exc:
+            raise ServerUnavailable(f"no batchlab server answered at {self.url} ({exc})") from exc
+        return out
+
+    def extend(self, run: RunRef, epochs: int) -> dict[str, Any]:
+        """Train ``epochs`` more epochs: a new run (returned) resuming from the run's last
+        checkpoint, its ``parent_id`` the run."""
+        return self._request("POST", f"/api/runs/{run_id(run)}/extend", json={"epochs": epochs})
 
     def cancel(self, run: RunRef) -> dict[str, Any]:
         """Cancel a run: a queued one at once, a running one at its next check (~1 s)."""
@@ -229,7 +299,7 @@ class Client:
         try:
             while True:
                 bars.update(state)
-                pending = [i for i in ids if state[i]["status"] not in TERMINAL_STATUSES]
+                pending = [i for i in ids if state[i]["status"] not in FINAL_STATUSES]
                 if not pending:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
@@ -321,35 +391,50 @@ class Client:
         self,
         runs: Sequence[RunRef],
         key: str = "train_err",
-        x: Literal["step", "epoch", "wall_time"] = "epoch",
+        x: Literal["step", "epoch", "samples", "wall_time"] = "epoch",
         baseline: RunRef | None = None,
         smoothing: float = 0.0,
         max_points: int = 1500,
+        band: Literal["minmax", "std", "off"] = "minmax",
+        logy: bool = False,
     ) -> go.Figure:
         """The dashboard's compare view as a Plotly figure (Goyal et al. Fig. 2/3 style).
 
-        Top: ``key`` against ``x`` (errors in percent, per-epoch keys as markers), the
-        baseline in black and the other runs coloured, labelled as the paper does
-        ("kn=1k, η=1.6, gradual: 12.34%"); beneath, on the same x axis, each run's LR.
-        The baseline is ``baseline`` if given (added when missing from ``runs``), else the
-        first run flagged ``is_baseline``. ``smoothing`` in [0, 1) draws the dashboard's
-        debiased EMA over the faint raw curve. Show it with ``fig.show()`` or save it with
-        ``fig.write_html(path)``.
+        Drawn by the dashboard's rules (frontend/figure_spec.json, batchlab/figure.py):
+        ``key`` against ``x`` (errors in percent), the baseline in black, the others
+        coloured and labelled as the paper does ("kn=8k, η=3.2, gradual warmup: 23.74%"),
+        runs that differ only in seed folded into their mean with a min-max (or ±1 std)
+        ``band`` (``"off"``: one line per run), each configuration's LR beneath on the
+        same x axis. The baseline is ``baseline`` if given (added when missing from
+        ``runs``), else the first run flagged ``is_baseline``. ``smoothing`` in [0, 1)
+        draws the debiased EMA over the faint raw curve.
         """
+        from batchlab.figure import BANDS, build_compare_figure
+
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        if band not in BANDS:
+            raise ValueError(f"band must be one of {BANDS}, got {band!r}")
         ids = list(dict.fromkeys(run_id(r) for r in runs))
         if baseline is not None and run_id(baseline) not in ids:
             ids.insert(0, run_id(baseline))
-        info = {i: self.run(i) for i in ids}
+        info = [self.run(i) for i in ids]
         base_id = (
             run_id(baseline)
             if baseline is not None
-            else next((i for i in ids if info[i].get("is_baseline")), None)
+            else next((r["id"] for r in info if r.get("is_baseline")), None)
         )
-        series = self._series(ids, [key, "lr"], x, max_points)
+        api_x = "step" if x == "samples" else x
+        series = self._series(ids, [key] if key == "lr" else [key, "lr"], api_x, max_points)
         return build_compare_figure(
-            info, series, key=key, x=x, baseline_id=base_id, smoothing=smoothing
+            info,
+            series,
+            key=key,
+            x=x,
+            baseline_id=base_id,
+            smoothing=smoothing,
+            band=band,
+            logy=logy,
         )
 
 
@@ -375,16 +460,13 @@ def spec_to_dict(spec: SpecLike) -> dict[str, Any]:
     if hasattr(spec, "model_dump"):  # a pydantic RunSpec; no trainer import needed here
         return spec.model_dump(mode="json")
     if isinstance(spec, str | os.PathLike):
-        import yaml
+        from trainer.specfile import read_spec
 
-        path = Path(spec)
-        if not path.is_file():
-            raise FileNotFoundError(f"spec file not found: {path}")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a spec file holds a mapping of RunSpec fields")
-        return data
+        return read_spec(spec)
     raise TypeError(f"spec must be a dict, a RunSpec or a file path, not {type(spec).__name__}")
+
+
+TOKEN_HINT = "pass Client(token=...), --token on the CLI, or set BATCHLAB_TOKEN"
 
 
 def _error_from(response: httpx.Response) -> APIError:
@@ -395,30 +477,15 @@ def _error_from(response: httpx.Response) -> APIError:
         detail = response.text
     code = response.status_code
     if code in (400, 422):
-        return ValidationError(_validation_errors(detail), status_code=code, detail=detail)
+        return ValidationError(status_code=code, detail=detail)
     message = detail if isinstance(detail, str) and detail else f"HTTP {code}"
     if code == 404:
         return NotFound(message, status_code=code, detail=detail)
     if code in (401, 403):
+        if "BATCHLAB_TOKEN" not in message:  # a server that does not say how
+            message += f" ({TOKEN_HINT})"
         return Unauthorized(message, status_code=code, detail=detail)
     return APIError(f"server error {code}: {message}", status_code=code, detail=detail)
-
-
-def _validation_errors(detail: Any) -> list[tuple[str, str]]:
-    """(field, message) pairs from FastAPI's 422 detail list or a plain string."""
-    if not isinstance(detail, list):
-        return [("", str(detail))]
-    out = []
-    for item in detail:
-        if not isinstance(item, Mapping):
-            out.append(("", str(item)))
-            continue
-        loc = [str(p) for p in item.get("loc", []) if p != "body"]
-        msg = str(item.get("msg", ""))
-        # pydantic prefixes custom validator messages; the field name says enough.
-        msg = msg.removeprefix("Value error, ")
-        out.append((loc[-1] if loc else "", msg))
-    return out
 
 
 def runs_frame(runs: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
@@ -436,7 +503,7 @@ def runs_frame(runs: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     for col in ("created_at", "started_at", "finished_at"):
         frame[col] = pd.to_datetime(frame[col], utc=True, format="ISO8601")
     # Nullable integers: a missing baseline must not turn the other ids into floats.
-    for col in ("id", "group_id", "baseline_id", "diverged_step"):
+    for col in ("id", "group_id", "baseline_id", "diverged_step", "parent_id"):
         frame[col] = frame[col].astype("Int64")
     return frame
 
@@ -458,232 +525,6 @@ def metrics_frame(series: Mapping[str, Mapping[str, Mapping[str, list]]]) -> pd.
         )
     frame = pd.concat(parts, ignore_index=True)
     return frame.astype({"run": "int64", "step": "int64", "value": "float64"})[METRIC_COLUMNS]
-
-
-def ema(values: Sequence[float | None], smoothing: float) -> list[float | None]:
-    """TensorBoard's debiased EMA, as the dashboard draws it (frontend/js/smoothing.js).
-
-    ``last = s * last + (1 - s) * v``, shown as ``last / (1 - s**t)`` with t the finite
-    values seen so far; non-finite values pass through, a constant series is unchanged.
-    """
-    if not smoothing > 0:
-        return list(values)
-    if len(set(values)) <= 1:
-        return list(values)
-    out: list[float | None] = []
-    last, count = 0.0, 0
-    for v in values:
-        if v is None or not math.isfinite(v):
-            out.append(v)
-            continue
-        last = smoothing * last + (1 - smoothing) * v
-        count += 1
-        out.append(last / (1 - smoothing**count))
-    return out
-
-
-# The dashboard's compare view (frontend/js/compare.js, plots.js), kept in step with it.
-BASELINE_COLOR = "#111111"
-# Tableau 10 without its grey: distinct, print-friendly, none close to black.
-PALETTE = [
-    "#4e79a7",
-    "#e15759",
-    "#f28e2b",
-    "#59a14f",
-    "#b07aa1",
-    "#76b7b2",
-    "#edc948",
-    "#ff9da7",
-    "#9c755f",
-    "#2f4b7c",
-    "#d62728",
-    "#17becf",
-]
-METRIC_LABELS = {
-    "train_err": ("training error (%)", 100.0),
-    "val_err": ("validation error (%)", 100.0),
-    "train_err_epoch": ("training error per epoch (%)", 100.0),
-    "loss": ("training loss", 1.0),
-    "val_loss": ("validation loss", 1.0),
-    "grad_norm": ("gradient norm", 1.0),
-    "lr": ("learning rate", 1.0),
-    "step_time": ("time per iteration (s)", 1.0),
-}
-_PER_EPOCH = {"val_err", "val_loss", "train_err_epoch", "train_loss_epoch"}
-_X_TITLES = {"epoch": "epoch", "step": "iteration", "wall_time": "wall time (s)"}
-_WARMUP = {"none": "no warmup", "constant": "constant", "gradual": "gradual"}
-# Spec fields that never tell two runs apart in a legend (as the dashboard's LEGEND_SKIP).
-_LEGEND_SKIP = {
-    "seed", "workers", "batch_per_worker", "nproc", "micro_batch", "warmup", "device",
-    "checkpoint", "data_root", "eval_every", "base_lr", "ref_batch",
-}  # fmt: skip
-
-
-def format_kn(kn: int) -> str:
-    """Total batch as the paper writes it: 256, 1k, 8k (k = 1024)."""
-    return f"{kn / 1024:g}k" if kn >= 1024 and kn % 512 == 0 else str(kn)
-
-
-def paper_label(run: Mapping[str, Any]) -> str:
-    """The legend of the paper's figures: "kn=8k, η=3.2, gradual"."""
-    derived, spec = run.get("derived") or {}, run.get("spec") or {}
-    kn = derived.get("total_batch", spec.get("workers", 1) * spec.get("batch_per_worker", 32))
-    label = f"kn={format_kn(int(kn))}"
-    if derived.get("peak_lr") is not None:
-        label += f", η={derived['peak_lr']:.3g}"
-    warmup = spec.get("warmup")
-    return label + (f", {_WARMUP.get(warmup, warmup)}" if warmup else "")
-
-
-def run_labels(runs: Sequence[Mapping[str, Any]], baseline_id: int | None) -> list[str]:
-    """Legend texts: the paper's label, the spec fields that differ, the final error."""
-    specs = [r.get("spec") or {} for r in runs]
-    keys = sorted({k for spec in specs for k in spec} - _LEGEND_SKIP)
-    differing = [k for k in keys if len({repr(spec.get(k)) for spec in specs}) > 1]
-    labels = []
-    for run, spec in zip(runs, specs, strict=True):
-        extra = [f"{k}={_legend_value(spec.get(k))}" for k in differing]
-        label = ", ".join([paper_label(run), *extra])
-        err = (run.get("summary") or {}).get("final_val_err")
-        if err is not None:
-            label += f": {100 * err:.2f}%"
-        if run.get("id") == baseline_id:
-            label += " · baseline"
-        labels.append(label)
-    # Identical labels (the same spec twice) get their run names.
-    for i, label in enumerate(labels):
-        if labels.count(label) > 1:
-            labels[i] = f"{label} [{runs[i].get('name') or runs[i].get('id')}]"
-    return labels
-
-
-def _legend_value(value: Any) -> str:
-    return "/".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def _rgba(hex_color: str, alpha: float) -> str:
-    n = int(hex_color[1:], 16)
-    return f"rgba({n >> 16 & 255},{n >> 8 & 255},{n & 255},{alpha})"
-
-
-def build_compare_figure(
-    runs: Mapping[int, Mapping[str, Any]],
-    series: Mapping[str, Mapping[str, Mapping[str, list]]],
-    *,
-    key: str,
-    x: str,
-    baseline_id: int | None,
-    smoothing: float = 0.0,
-) -> go.Figure:
-    """Draw the compare view from run dicts and the ``runs`` object of GET /api/metrics."""
-    import plotly.graph_objects as go
-
-    label, scale = METRIC_LABELS.get(key, (key.replace("_", " "), 1.0))
-    markers = key in _PER_EPOCH
-    smooth_on = smoothing > 0 and not markers
-    # Baseline first (legend, and drawn beneath the others), then by kn, then by id.
-    order = sorted(
-        runs,
-        key=lambda i: (
-            i != baseline_id,
-            (runs[i].get("derived") or {}).get("total_batch") or 0,
-            i,
-        ),
-    )
-    labels = dict(zip(order, run_labels([runs[i] for i in order], baseline_id), strict=True))
-    colors = iter(PALETTE * (len(order) // len(PALETTE) + 1))
-    traces, has_lr = [], False
-    for rid in order:
-        is_base = rid == baseline_id
-        color = BASELINE_COLOR if is_base else next(colors)
-        name, group = labels[rid], str(rid)
-        by_key = series.get(str(rid), {})
-        s = by_key.get(key) or {}
-        xs = s.get(x, [])
-        ys = [None if v is None else v * scale for v in s.get("value", [])]
-        if smooth_on:
-            traces.append(
-                go.Scatter(
-                    x=xs,
-                    y=ys,
-                    mode="lines",
-                    showlegend=False,
-                    hoverinfo="skip",
-                    legendgroup=group,
-                    line=dict(color=_rgba(color, 0.22), width=1),
-                )
-            )
-            ys = ema(ys, smoothing)
-        traces.append(
-            go.Scatter(
-                x=xs,
-                y=ys,
-                name=name,
-                legendgroup=group,
-                mode="lines+markers" if markers else "lines",
-                marker=dict(size=4, color=color) if markers else None,
-                line=dict(color=color, width=2 if is_base else 1.6),
-                hovertemplate=f"%{{y:.4g}}<extra>{name}</extra>",
-            )
-        )
-        lr = by_key.get("lr")
-        if lr and key != "lr":
-            has_lr = True
-            traces.append(
-                go.Scatter(
-                    x=lr.get(x, []),
-                    y=lr.get("value", []),
-                    yaxis="y2",
-                    mode="lines",
-                    showlegend=False,
-                    legendgroup=group,
-                    line=dict(color=color, width=1.2),
-                    hovertemplate=f"LR %{{y:.4g}}<extra>{name}</extra>",
-                )
-            )
-    axis = dict(
-        gridcolor="#eceef1",
-        zerolinecolor="#d0d4da",
-        linecolor="#aab",
-        showline=True,
-        ticks="outside",
-        tickcolor="#aab",
-        automargin=True,
-    )
-    layout = go.Layout(
-        height=560,
-        font=dict(
-            family="system-ui, -apple-system, Segoe UI, Roboto, Helvetica, Arial",
-            size=12,
-            color="#222",
-        ),
-        paper_bgcolor="#fff",
-        plot_bgcolor="#fff",
-        hovermode="closest",
-        hoverlabel=dict(namelength=-1),
-        margin=dict(l=64, r=16, t=8, b=44),
-        legend=dict(
-            x=1,
-            xanchor="right",
-            y=1,
-            yanchor="top",
-            bgcolor="rgba(255,255,255,0.85)",
-            bordercolor="#dde",
-            borderwidth=1,
-            font=dict(size=11),
-        ),
-        # One x axis under both panels: zooming the curves zooms the LR with them.
-        xaxis=dict(axis, title=dict(text=_X_TITLES.get(x, x)), anchor="y2" if has_lr else "y"),
-        yaxis=dict(
-            axis,
-            title=dict(text=label),
-            domain=[0.3, 1] if has_lr else [0, 1],
-            exponentformat="power",
-        ),
-    )
-    if has_lr:
-        layout.yaxis2 = dict(axis, title=dict(text="LR"), domain=[0, 0.22], rangemode="tozero")
-    return go.Figure(data=traces, layout=layout)
 
 
 class _ProgressBars:
@@ -712,11 +553,11 @@ class _ProgressBars:
         for rid, bar in self._bars.items():
             run = state[rid]
             status = run["status"]
-            frac = 1.0 if status == "succeeded" else float(run.get("progress") or 0.0)
+            frac = 1.0 if status == RunStatus.SUCCEEDED else float(run.get("progress") or 0.0)
             bar.n = round(1000 * min(max(frac, 0.0), 1.0))
             eta = run.get("eta_s")
             text = status
-            if status == "running" and eta is not None:
+            if status == RunStatus.RUNNING and eta is not None:
                 text += f", eta {_fmt_seconds(eta)}"
             bar.unit = text
             bar.refresh()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 HELP = "serve the REST API and the dashboard (no workers; see `batchlab up`)"
 DESCRIPTION = """\
@@ -16,6 +17,7 @@ starts both on one machine.
 examples:
   batchlab api                         # http://127.0.0.1:8000
   batchlab api --host 0.0.0.0 --port 8080
+  batchlab api -v                      # also log every HTTP request
 """
 
 
@@ -28,18 +30,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("critical", "error", "warning", "info", "debug"),
         help="uvicorn log level (default: info)",
     )
+    parser.add_argument("-v", "--verbose", action="store_true", help="also log every HTTP request")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="lower the API's CPU priority by N (workers training on the same machine)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    import functools
+
     import uvicorn
 
-    # factory=True: the app (and its database engine) is built inside the server process.
+    from server.app import create_app
+
+    if args.nice > 0:
+        os.nice(args.nice)
+    # factory=True: the app (and its database engine) is built inside the server process;
+    # the interface it binds is one of the Host headers it accepts (server.middleware).
     uvicorn.run(
-        "server.app:create_app",
+        functools.partial(create_app, bind_host=args.host),
         factory=True,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        access_log=args.verbose,  # quiet by default, as `batchlab up`
         # SSE streams end on shutdown; don't wait long for idle keep-alive clients.
         timeout_graceful_shutdown=5,
     )

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-FAILED = ("failed", "diverged", "cancelled")
+from core.settings import DEFAULT_URL
+from core.status import FINAL_STATUSES, RunStatus
+
+FAILED = FINAL_STATUSES - {RunStatus.SUCCEEDED}
 
 # Exit status shared by the commands.
 EXIT_OK, EXIT_RUN_FAILED, EXIT_ERROR, EXIT_TIMEOUT = 0, 1, 2, 124
@@ -37,19 +38,18 @@ def _add_url(parser: argparse.ArgumentParser, *, token: bool) -> None:
 def _client(args: argparse.Namespace) -> Any:
     from batchlab.client import Client
 
-    url = args.url or os.environ.get("BATCHLAB_URL") or DEFAULT_URL
-    token = getattr(args, "token", None) or os.environ.get("BATCHLAB_TOKEN") or None
-    return Client(url, token)
+    # None: the client takes BATCHLAB_URL / BATCHLAB_TOKEN (core.settings).
+    return Client(args.url or None, getattr(args, "token", None) or None)
 
 
 def _report_error(exc: Exception) -> int:
     """Print a server or client error the way a shell user can act on it."""
     from batchlab.client import ValidationError
+    from core.errors import format_validation_error
 
     if isinstance(exc, ValidationError):
         print("batchlab: the server rejected the request:", file=sys.stderr)
-        for field, msg in exc.errors:
-            print(f"  {field}: {msg}" if field else f"  {msg}", file=sys.stderr)
+        print("  " + format_validation_error(exc.detail, "\n  "), file=sys.stderr)
     else:
         print(f"batchlab: {exc}", file=sys.stderr)
     return EXIT_ERROR
@@ -79,13 +79,13 @@ def _outcome(run: dict[str, Any]) -> str:
     status = run["status"]
     summary = run.get("summary") or {}
     line = f"run {run['id']} {status}"
-    if status == "succeeded" and summary.get("final_val_err") is not None:
+    if status == RunStatus.SUCCEEDED and summary.get("final_val_err") is not None:
         line += f": final val err {100 * summary['final_val_err']:.2f}%"
         if summary.get("wall_time_s") is not None:
             line += f" in {summary['wall_time_s']:.1f} s"
-    elif status == "diverged" and run.get("diverged_step") is not None:
+    elif status == RunStatus.DIVERGED and run.get("diverged_step") is not None:
         line += f" at iteration {run['diverged_step']}"
-    elif status == "failed" and run.get("error"):
+    elif status == RunStatus.FAILED and run.get("error"):
         line += f": {run['error']}"
     return line
 
@@ -103,19 +103,6 @@ def _wait_and_report(client: Any, ids: list[int], *, timeout: float | None, poll
 
 
 # --- submit --------------------------------------------------------------------------------
-def _field_value(text: str) -> tuple[str, Any]:
-    """``field=value`` with the value read as YAML (numbers, lists, null, strings)."""
-    import yaml
-
-    field, sep, value = text.partition("=")
-    if not sep or not field.strip():
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
-    try:
-        return field.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as exc:
-        raise argparse.ArgumentTypeError(f"{field}: cannot read value {value!r}: {exc}") from None
-
-
 class Submit:
     HELP = "queue a training run on the server (optionally with its baseline)"
     DESCRIPTION = """\
@@ -142,7 +129,6 @@ example:
             dest="overrides",
             action="append",
             default=[],
-            type=_field_value,
             metavar="FIELD=VALUE",
             help="override one spec field (repeatable), e.g. --set workers=32",
         )
@@ -154,14 +140,14 @@ example:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from batchlab.client import APIError, spec_to_dict
+        from batchlab.client import APIError
+        from trainer.specfile import read_spec
 
         try:
-            spec = spec_to_dict(args.spec)
+            spec = read_spec(args.spec, args.overrides)
         except (OSError, ValueError) as exc:
             print(f"batchlab: {exc}", file=sys.stderr)
             return EXIT_ERROR
-        spec.update(dict(args.overrides))
         client = _client(args)
         try:
             with client:
@@ -199,7 +185,7 @@ example:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--status",
-            choices=["queued", "running", "succeeded", "failed", "diverged", "cancelled"],
+            choices=list(RunStatus),
             help="only runs in this state",
         )
         parser.add_argument("--group", type=int, help="only runs of this sweep/group id")
@@ -325,7 +311,7 @@ example:
                 except APIError as exc:
                     code = _report_error(exc)
                     continue
-                if run["status"] == "running":
+                if run["status"] == RunStatus.RUNNING:
                     print(f"run {rid}: cancel requested, stops within seconds")
                 else:
                     print(f"run {rid}: {run['status']}")

@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.status import RunStatus
+
 HELP = "Train one RunSpec here; metrics, checkpoint and summary go to --out."
 # The docstring's middle paragraphs, without reST markup, as ``batchlab train --help``.
 DESCRIPTION = __doc__.split("\n\n", 1)[1].rsplit("\n\nNothing here", 1)[0].replace("``", "")
@@ -89,39 +91,22 @@ def run(args: argparse.Namespace) -> int:
 
 def resolve_spec(path: str, overrides: list[str], nproc: int | None) -> Any:
     """The validated RunSpec of ``path`` with ``--set`` and ``--nproc`` applied."""
-    import yaml
     from pydantic import ValidationError
 
+    from core.errors import format_validation_error
     from trainer.spec import RunSpec
+    from trainer.specfile import read_spec
 
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-    except OSError as exc:
-        raise UsageError(f"cannot read spec {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise UsageError(f"spec {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise UsageError(f"spec {path} must be a mapping of field: value")
-    for item in overrides:
-        field, sep, raw = item.partition("=")
-        if not sep or not field.strip():
-            raise UsageError(f"--set {item!r}: expected FIELD=VALUE")
-        try:
-            data[field.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise UsageError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+        data = read_spec(path, overrides)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
     if nproc is not None:
         data["nproc"] = nproc
     try:
         return RunSpec.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "spec"
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {field}: {msg}")
-        raise UsageError("invalid spec:\n" + "\n".join(lines)) from exc
+        raise UsageError("invalid spec:\n  " + format_validation_error(exc, "\n  ")) from exc
 
 
 def _write_spec(spec: Any, out: Path) -> Path:
@@ -231,21 +216,16 @@ def _train(spec: Any, out: Path, args: argparse.Namespace) -> int:
         stop.restore()
     if not main:
         return _exit_code(result.status)
-    record = {
-        "status": result.status,
-        "iterations": result.iterations,
-        "epochs": result.epochs,
-        "diverged_step": result.diverged_step,
-        "error": result.error,
-        "summary": result.summary,
-    }
+    record = result.to_dict()
     (out / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
     print(format_summary(spec, record, out))
     return _exit_code(result.status)
 
 
 def _exit_code(status: str) -> int:
-    return {"succeeded": EXIT_OK, "diverged": EXIT_DIVERGED}.get(status, EXIT_CANCELLED)
+    return {RunStatus.SUCCEEDED: EXIT_OK, RunStatus.DIVERGED: EXIT_DIVERGED}.get(
+        status, EXIT_CANCELLED
+    )
 
 
 def _pct(value: float | None) -> str:

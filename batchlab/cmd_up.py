@@ -29,6 +29,9 @@ BATCHLAB_BROKER_URL, by default SQLite files in BATCHLAB_HOME (./.batchlab).
 baseline and kn=512 without and with gradual warmup (specs in examples/demo/). They
 train one after the other in a few minutes on a laptop CPU; watch them arrive live.
 
+The API runs at a lower CPU priority than the worker (--api-nice, default 5), so
+dashboard readers take the CPU the training leaves rather than slowing it.
+
 Ctrl-C stops the API and the worker (within about 20 s). A run still training is
 stopped too; once its heartbeat is 30 s old it is re-queued and resumes from its last
 epoch checkpoint when a worker runs again (a run stopped this way twice is marked failed).
@@ -37,6 +40,7 @@ examples:
   batchlab up --demo                   # then open http://127.0.0.1:8000
   batchlab up --port 8080 --gpus 0,1
   batchlab up --no-worker              # API only (workers started elsewhere)
+  batchlab up -v                       # also log every HTTP request
 """
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "examples" / "demo"
@@ -45,6 +49,10 @@ DEMO_GROUP = "demo: kn=32 baseline vs kn=512, no warmup and gradual warmup"
 # current run is interrupted (it resumes from its checkpoint), then before it is killed.
 WARM_STOP_S = 10.0
 COLD_STOP_S = 10.0
+# The API runs this much nicer than the worker it starts: on a machine with few cores, a
+# crowd of dashboard readers must not slow the training (issue 10, point 11). The worker
+# keeps the normal priority; the API still gets the CPU the training leaves.
+API_NICE = 5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,42 +67,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo", action="store_true", help="queue the demo comparison once")
     parser.add_argument("--no-worker", action="store_true", help="start the API only")
     parser.add_argument(
+        "--api-nice",
+        type=int,
+        default=API_NICE,
+        metavar="N",
+        help=f"lower the API's CPU priority by N below the worker's (default: {API_NICE})",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=("critical", "error", "warning", "info", "debug"),
         help="log level of the API and the worker (default: info)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also log every HTTP request (off: the 'batchlab is up' line stays in view)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from core.settings import get_settings, mask_password
     from server.app import create_app
-    from store import config as store_config
     from store import db
 
     # Absolute, so the worker child resolves the same files whatever its directory.
-    os.environ["BATCHLAB_HOME"] = str(store_config.home().resolve())
+    os.environ["BATCHLAB_HOME"] = str(get_settings().home.resolve())
     if not _port_free(args.host, args.port):
         print(
-            f"batchlab up: {args.host}:{args.port} is already in use (try --port)", file=sys.stderr
+            f"batchlab up: {args.host}:{args.port} is already in use: pick another port with "
+            f"`batchlab up --port {args.port + 1}` (or `make demo PORT={args.port + 1}`)",
+            file=sys.stderr,
         )
         return 1
-    app = create_app()
+    app = create_app(bind_host=args.host)  # the interface it binds is an allowed Host
     ctx = app.state.ctx
     # Before the worker starts: it would otherwise race us to create the schema.
     try:
         db.migrate(ctx.engine)
     except Exception as err:  # unreachable server, bad URL, unwritable file
-        print(f"batchlab up: database {_safe(ctx.settings.database_url)}: {err}", file=sys.stderr)
+        print(
+            f"batchlab up: database {mask_password(ctx.settings.database_url)}: {err}",
+            file=sys.stderr,
+        )
         return 1
     ctx.migrated = True
     if args.demo:
         queue_demo(ctx)
     worker = None if args.no_worker else start_worker(args.gpus, args.log_level)
+    if worker is not None and args.api_nice > 0:
+        os.nice(args.api_nice)  # after the fork: the worker keeps the normal priority
     url = f"http://{args.host}:{args.port}"
     print(f"batchlab is up: {url}   (API docs {url}/docs; Ctrl-C stops)", flush=True)
-    print(f"  database {_safe(ctx.settings.database_url)}", flush=True)
+    print(f"  database {mask_password(ctx.settings.database_url)}", flush=True)
     print(f"  broker   {ctx.settings.broker_url_safe}", flush=True)
     if worker is not None:
         print(f"  worker   pid {worker.pid} (batchlab worker --gpus {args.gpus})", flush=True)
@@ -103,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        # One line per request (1,450 in half an hour of a dashboard) would scroll the
+        # URL above out of view: request lines only on --verbose.
+        access_log=args.verbose,
         timeout_graceful_shutdown=5,
     )
     code = 0
@@ -122,9 +153,10 @@ def run(args: argparse.Namespace) -> int:
 
 def queue_demo(ctx: Any) -> None:
     """Queue the demo comparison unless the database already holds runs."""
-    from server.submit import default_name, submit_compare
+    from server.submit import submit
     from store import db
     from store import runs as store_runs
+    from trainer.plan import default_name, plan_compare
     from trainer.spec import load_spec
 
     with db.session(ctx.engine) as s:
@@ -136,9 +168,9 @@ def queue_demo(ctx: Any) -> None:
         print(f"demo: no specs found in {DEMO_DIR}", file=sys.stderr)
         return
     specs = [(f"demo {default_name(spec)}", spec) for spec in (load_spec(str(p)) for p in paths)]
-    out = submit_compare(ctx, specs, name=DEMO_GROUP)
-    for run in out["runs"]:
-        print(f"demo: queued run {run['id']} {run['name']}")
+    _, runs = submit(ctx, plan_compare(specs, name=DEMO_GROUP))
+    for run in runs:
+        print(f"demo: queued run {run.id} {run.name}")
 
 
 def start_worker(gpus: str, log_level: str) -> subprocess.Popen[bytes]:
@@ -226,9 +258,3 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _safe(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)

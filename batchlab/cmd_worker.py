@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 HELP = "start training workers: one per GPU (pinned), or one CPU worker"
@@ -17,8 +18,12 @@ holds one run, and a run nobody has finished stays on the queue.
 GPUs); runs with nproc=N on CUDA go there and train with torchrun over those GPUs.
 
 The broker and database come from BATCHLAB_BROKER_URL / BATCHLAB_DATABASE_URL (default:
-SQLite files in BATCHLAB_HOME). Ctrl-C once: finish the current runs and stop; twice:
-stop now (the runs are re-queued and resume from their last epoch checkpoint).
+SQLite files in BATCHLAB_HOME). Before taking work, GPU workers prove that torch sees
+exactly their GPUs (a CUDA build of torch, the right count); on a mismatch they refuse
+to start and say why. --gpus none is the explicit choice of the CPU.
+
+Ctrl-C once: finish the current runs and stop; twice: stop now (the runs are re-queued
+and resume from their last epoch checkpoint).
 
 examples:
   batchlab worker                      # every GPU, or the CPU when there is none
@@ -60,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from worker import gpus as gpu_mod
-    from worker.launch import Supervisor, worker_command
+    from worker.launch import DeviceCheckError, Supervisor, prove_devices, worker_command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s batchlab-worker %(message)s")
     try:
@@ -71,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"batchlab worker: {err}", file=sys.stderr)
         return 2
     extra = [q.strip() for q in args.queues.split(",") if q.strip()]
-    plans = gpu_mod.plan_workers(selected, group=args.group, extra_queues=extra)
+    # The pid tells apart several CPU workers' node names on one host.
+    plans = gpu_mod.plan_workers(
+        selected, group=args.group, extra_queues=extra, tag=str(os.getpid())
+    )
     for plan in plans:
         devices = plan.env.get("CUDA_VISIBLE_DEVICES", "")
         print(
@@ -82,6 +90,17 @@ def run(args: argparse.Namespace) -> int:
             print("  " + " ".join(worker_command(plan, loglevel=args.loglevel, pool=args.pool)))
     if args.dry_run:
         return 0
+    if selected:
+        # Before any worker consumes the queue: a mismatch must not take (and fail) runs.
+        try:
+            report = prove_devices(selected)
+        except DeviceCheckError as err:
+            print(f"batchlab worker: {err}", file=sys.stderr)
+            return 2
+        if not report.ok:
+            print(f"batchlab worker: {report.error}", file=sys.stderr)
+            return 2
+        print(f"devices: {report.describe()}", flush=True)
     from worker.celery_app import app, prepare_broker
 
     # Once here, before several workers race to create the broker's SQLite file.

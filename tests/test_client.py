@@ -24,7 +24,8 @@ import yaml
 from support import free_port, serve_app, stop_process_groups
 
 import batchlab
-from batchlab.client import ServerUnavailable, ema, run_id, spec_to_dict
+from batchlab.client import ServerUnavailable, run_id, spec_to_dict
+from batchlab.figure import ema
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -115,7 +116,10 @@ def test_invalid_spec_raises_validation_error_naming_the_field(client) -> None:
 
     with pytest.raises(batchlab.ValidationError) as info:
         client.submit({**SPEC, "lr": 0.1})
-    assert info.value.errors == [("lr", "Extra inputs are not permitted")]
+    [(field, message)] = info.value.errors
+    assert field == "lr" and message.startswith("Extra inputs are not permitted")
+    with pytest.raises(batchlab.ValidationError, match="did you mean batch_per_worker"):
+        client.submit({**SPEC, "batch_per_workr": 32})
     assert client.runs().empty  # nothing stored by a bad request
 
 
@@ -277,6 +281,36 @@ def test_metrics_long_format(client, server) -> None:
 
     empty = client.metrics(base, keys="val_err")
     assert empty.empty and list(empty.columns) == list(frame.columns)
+
+
+def test_run_management_tags_notes_archive_export_and_extend(client, server, tmp_path) -> None:
+    import pandas as pd
+
+    a, b = client.submit(SPEC), client.submit({**SPEC, "seed": 1})
+    out = client.update_run(a, name="renamed", tags=["study"], notes="Warmup helps")
+    assert (out["name"], out["tags"], out["notes"]) == ("renamed", ["study"], "Warmup helps")
+    client.update_run(b["id"], archived=True)
+    frame = client.runs()
+    assert list(frame["id"]) == [a["id"]]
+    assert frame.iloc[0]["tags"] == ["study"] and not frame.iloc[0]["archived"]
+    assert list(client.runs(archived="only")["id"]) == [b["id"]]
+    assert list(client.runs(archived="all")["id"]) == [b["id"], a["id"]]
+    assert list(client.runs(q="warmup")["id"]) == list(client.runs(tag="study")["id"])
+    assert client.runs(tag="none").empty
+    with pytest.raises(batchlab.ValidationError, match="tags"):
+        client.update_run(a, tags=["x" * 65])
+
+    _write_curve(server.engine, a["id"], 12, 0.9)
+    path = client.export([a, b], tmp_path / "points.parquet", format="parquet")
+    points = pd.read_parquet(path)
+    assert list(points.columns) == ["run_id", "key", "step", "epoch", "wall_time", "value"]
+    assert len(points) == 2 * 12 and set(points.run_id) == {a["id"]}
+    assert len(pd.read_csv(client.export(a, tmp_path / "a.csv"))) == 2 * 12
+    with pytest.raises(ValueError, match="format"):
+        client.export(a, tmp_path / "a.xlsx", format="xlsx")
+    # A queued run has no checkpoint to continue from: the server says so.
+    with pytest.raises(batchlab.APIError, match="queued"):
+        client.extend(a, epochs=2)
 
 
 def test_compare_figure_draws_baseline_black_percent_and_lr_panel(client, server) -> None:

@@ -44,7 +44,7 @@ TINY: dict[str, Any] = {
 # Long enough to be caught running (thousands of iterations), cancelled within ~1 s.
 LONG = {**TINY, "epochs": 2000, "warmup_epochs": 0}
 # LR 1000 x 8: the loss explodes within a few iterations.
-DIVERGING = {**TINY, "workers": 8, "base_lr": 1000.0, "warmup": "none", "milestones": [5]}
+DIVERGING = {**TINY, "workers": 8, "base_lr": 1000.0, "warmup": "none", "milestones": [1]}
 
 
 @contextmanager

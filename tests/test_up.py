@@ -18,6 +18,7 @@ import pytest
 
 from batchlab import cmd_up
 from server.app import create_app
+from server.schemas import RunOut
 from server.serve import free_port
 from store import db
 from store import runs as store_runs
@@ -138,7 +139,7 @@ def test_demo_queues_the_comparison_once(batchlab_home, sqlite_url, tmp_path, ca
     cmd_up.queue_demo(ctx)  # a second `up --demo` finds runs and leaves them alone
     assert "not queueing the demo again" in capsys.readouterr().out
     with db.session(ctx.engine) as s:
-        runs = [store_runs.run_to_dict(r) for r in store_runs.list_runs(s)]
+        runs = [RunOut.model_validate(r).model_dump() for r in store_runs.list_runs(s)]
     assert len(runs) == 3
     (base,) = [r for r in runs if r["is_baseline"]]
     assert base["derived"]["total_batch"] == 32 and base["spec"]["warmup"] == "none"
