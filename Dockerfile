@@ -1,9 +1,9 @@
 # One image for the batchlab API and its workers (docker-compose.yml runs it as both).
 #
-# torch comes from the wheel index in TORCH_INDEX_URL: the CPU index by default; for
-# NVIDIA GPUs pass the CUDA index that matches the host driver, e.g.
+# torch comes from the wheel index in TORCH_INDEX_URL, at the version constraints.txt
+# pins: the CPU index by default; for NVIDIA GPUs the CUDA index that matches the host
+# driver (docker-compose.gpu.yml does this for its worker), e.g.
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
-# (or set TORCH_INDEX_URL in .env for `docker compose build`).
 FROM python:3.11-slim
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -29,6 +29,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && rm /tmp/requirements.txt
 
 # 3. batchlab itself.
+COPY core ./core
 COPY trainer ./trainer
 COPY store ./store
 COPY worker ./worker

@@ -4,7 +4,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install browser bench clean
+# `make demo PORT=8001 HOST=0.0.0.0`; `make demo ARGS=-v` logs every request.
+PORT   ?= 8000
+HOST   ?= 127.0.0.1
+ARGS   ?=
+
+.PHONY: demo test lint install browser bench clean test-pythons
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -32,7 +37,11 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/batchlab up --demo
+	$(VENV)/bin/batchlab up --demo --host $(HOST) --port $(PORT) $(ARGS)
+
+# The torch-free parts (specs, plans, API, client helpers) on Python 3.12 and 3.13.
+test-pythons:
+	.ci/pythons.sh
 
 bench: $(STAMP)
 	$(PY) bench/trainer_throughput.py

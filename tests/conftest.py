@@ -37,6 +37,26 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` skip without CUDA (torch is imported only if there are any)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason=f"no CUDA GPU (torch {torch.__version__})")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _testclient_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starlette's TestClient sends ``Host: testserver``, which the API accepts only when
+    allowed (server.middleware.HostGuard); tests of the guard itself unset this."""
+    monkeypatch.setenv("BATCHLAB_ALLOWED_HOSTS", "testserver")
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A Redis database number of its own, flushed before and after."""
@@ -49,6 +69,31 @@ def redis_url() -> Iterator[str]:
     client.flushdb()
     yield url
     client.flushdb()
+
+
+RABBITMQ_URL = os.environ.get("BATCHLAB_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672//")
+RABBITMQ_QUEUES = ("cpu", "gpu")
+
+
+def _purge_rabbitmq(url: str) -> None:
+    import contextlib
+
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=5) as conn:
+        for name in RABBITMQ_QUEUES:
+            # Not declared yet: nothing to purge (and that channel is closed).
+            with contextlib.suppress(Exception):
+                conn.channel().queue_purge(name)
+
+
+@pytest.fixture()
+def rabbitmq_url() -> Iterator[str]:
+    """The local RabbitMQ, its batchlab queues purged before and after."""
+    need(_port_open("127.0.0.1", 5672), "RabbitMQ on 127.0.0.1:5672")
+    _purge_rabbitmq(RABBITMQ_URL)
+    yield RABBITMQ_URL
+    _purge_rabbitmq(RABBITMQ_URL)
 
 
 @pytest.fixture()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -9,10 +11,11 @@ import subprocess
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 from server.serve import free_port, serve_in_thread
 
-__all__ = ["free_port", "serve_app", "stop_process_groups"]
+__all__ = ["free_port", "run_async", "serve_app", "stop_process_groups"]
 
 
 def serve_app(token: str | None = None, port: int = 0) -> Iterator[SimpleNamespace]:
@@ -40,3 +43,10 @@ def stop_process_groups(procs: list[subprocess.Popen]) -> None:
         for p in alive:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def run_async(coro: Any) -> Any:
+    """``asyncio.run(coro)`` in a thread of its own: the browser tests' Playwright keeps an
+    event loop running in the main thread, where asyncio.run refuses to start another."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
