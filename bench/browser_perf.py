@@ -14,6 +14,9 @@
 
     .venv/bin/python bench/browser_perf.py                 # 20 runs x 100,000 points
     .venv/bin/python bench/browser_perf.py --runs 5 --points 20000 --live-points 50
+    .venv/bin/python bench/browser_perf.py --running                  # runs still training
+    .venv/bin/python bench/browser_perf.py --running --drop-overviews # ... without overviews
+    .venv/bin/python bench/browser_perf.py --running --cold --settle 10  # a cold first read
 
 Needs Debian's Chromium (/usr/bin/chromium, or BATCHLAB_CHROMIUM). Prints a Markdown
 table (docs/benchmarks/frontend.md records it).
@@ -32,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -121,8 +125,9 @@ def spec_for(total_batch: int, seed: int) -> dict[str, Any]:
     ).model_dump()
 
 
-def seed_runs(engine: Any, n_runs: int, points: int) -> list[int]:
-    """n_runs finished runs of ``points`` iterations (train_err, lr) + val_err per epoch."""
+def seed_runs(engine: Any, n_runs: int, points: int, *, running: bool = False) -> list[int]:
+    """n_runs finished runs of ``points`` iterations (train_err, lr) + val_err per epoch;
+    ``running``: left running, so only the live overviews their writer kept exist."""
     from store import db, runs
     from store.metrics import MetricWriter, build_overviews
 
@@ -134,6 +139,8 @@ def seed_runs(engine: Any, n_runs: int, points: int) -> list[int]:
         with db.session(engine) as s:
             run = runs.create_run(s, name=f"perf kn={kn} #{i}", spec=spec, is_baseline=i == 0)
             ids.append(run.id)
+            # A worker claims a run (a new attempt) before it writes points.
+            runs.mark_running(s, run.id, host="bench", gpus="", worker="bench")
         rng = random.Random(i)
         per_epoch = max(1, points // 90)
         lr = 0.1 * kn / 256
@@ -145,11 +152,29 @@ def seed_runs(engine: Any, n_runs: int, points: int) -> list[int]:
                 if (step + 1) % per_epoch == 0:
                     values["val_err"] = err + 0.02
                 w.add(step, values, epoch=epoch, wall_time=0.05 * step)
-        with db.session(engine) as s:
-            runs.mark_running(s, run.id, host="bench", gpus="", worker="bench")
-            runs.mark_finished(s, run.id, "succeeded", summary={"final_val_err": 0.25})
-        build_overviews(engine, run.id)  # as the worker does when a run finishes
+        if not running:
+            with db.session(engine) as s:
+                runs.mark_finished(s, run.id, "succeeded", summary={"final_val_err": 0.25})
+            build_overviews(engine, run.id)  # as the worker does when a run finishes
     return ids
+
+
+def keep_alive(engine: Any, ids: list[int], every_s: float = 5.0) -> threading.Event:
+    """Heartbeat the runs as their workers would, so the API's reaper leaves them
+    running; set the returned event to stop."""
+    from store import db, runs
+
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            with db.session(engine) as s:
+                for run_id in ids:
+                    runs.heartbeat(s, run_id)
+            stop.wait(every_s)
+
+    threading.Thread(target=beat, name="heartbeats", daemon=True).start()
+    return stop
 
 
 RESOURCE_TIMING = """() => {
@@ -274,6 +299,27 @@ def main() -> int:
     ap.add_argument("--live-points", type=int, default=100)
     ap.add_argument("--rate", type=float, default=10.0, help="live points per second")
     ap.add_argument("--database-url", default=None, help="default: SQLite in a temp home")
+    ap.add_argument(
+        "--running", action="store_true", help="compare runs still running (live overviews)"
+    )
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds between the server answering /api/health and the first page load "
+        "(its start-up work, migration check and first maintenance pass, done)",
+    )
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="add newer empty runs, so the server's start-up cache warming (its most recent "
+        "runs) reads none of the compared ones",
+    )
+    ap.add_argument(
+        "--drop-overviews",
+        action="store_true",
+        help="delete every stored overview after seeding: reads take the points path",
+    )
     args = ap.parse_args()
 
     from playwright.sync_api import sync_playwright
@@ -286,9 +332,21 @@ def main() -> int:
         engine = db.get_engine(url_db)
         db.migrate(engine)
         t0 = time.perf_counter()
-        ids = seed_runs(engine, args.runs, args.points)
+        ids = seed_runs(engine, args.runs, args.points, running=args.running)
         seed_s = time.perf_counter() - t0
+        if args.drop_overviews:
+            with engine.begin() as conn:
+                conn.exec_driver_sql("DELETE FROM series_overviews")
+        if args.cold:
+            from server.app import WARM_RUNS
+            from store import runs
+
+            with db.session(engine) as s:
+                for i in range(WARM_RUNS):
+                    runs.create_run(s, name=f"newer #{i}", spec=spec_for(256, seed=i))
+        beating = keep_alive(engine, ids) if args.running else threading.Event()
         proc, url = start_server(home, args.database_url)
+        time.sleep(args.settle)
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -297,6 +355,7 @@ def main() -> int:
                 lat = measure_live(browser, url, engine, args.live_points, args.rate)
                 browser.close()
         finally:
+            beating.set()
             stop(proc)
             engine.dispose()
 
@@ -304,7 +363,13 @@ def main() -> int:
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.1f}; database: {engine.dialect.name}"
     )
-    print(f"seeded {args.runs} runs x {args.points} iterations in {seed_s:.1f} s\n")
+    state = "running" if args.running else "finished"
+    overviews = "none (dropped)" if args.drop_overviews else "stored"
+    print(
+        f"seeded {args.runs} {state} runs x {args.points} iterations in {seed_s:.1f} s; "
+        f"overviews: {overviews}; first load {args.settle:g} s after the server answered"
+        f"{'; its start-up cache warming kept off them' if args.cold else ''}\n"
+    )
     print(
         "| compare load | all traces drawn (ms) | /api/metrics (ms) | transfer (KB) "
         "| Plotly.js fetch (ms) | data in -> drawn (ms) | Plotly draw (ms) | traces "

@@ -3,11 +3,14 @@
 Times ``store.metrics.read_series`` in-process (the server's share of a
 ``GET /api/runs/{id}/metrics`` request, without HTTP and JSON encoding):
 
-- cold: the process has nothing cached, the whole series comes from the database;
+- cold, running run (live overview): nothing cached; the overview the writer kept while
+  the points arrived (store.metrics.live) plus the points after it answer;
+- cold: the process has nothing cached and there is no overview (a run written before
+  the live overviews), so the whole series comes from the database;
 - warm: the series is cached, only the (empty) tail beyond it is asked for;
 - warm + tail: 1,000 new points were written since the last read;
 - warm, epoch range: ``x=epoch`` with ``x_min``/``x_max`` covering half the series;
-- MinMaxLTTB only: ``store.downsample.downsample_indices`` on the in-memory arrays;
+- MinMaxLTTB only: ``store.metrics.downsample.downsample_indices`` on the in-memory arrays;
 - cold, finished run: nothing cached, the run finished, so its stored overview (the
   series downsampled once to 8,192 points when it finished) answers.
 
@@ -32,8 +35,8 @@ from sqlalchemy.engine import Engine  # noqa: E402
 from bench.ingest import PG_DEFAULT, new_run, temp_database  # noqa: E402
 from store import metrics, runs  # noqa: E402
 from store.db import session  # noqa: E402
-from store.downsample import downsample_indices  # noqa: E402
 from store.metrics import MetricWriter, read_series  # noqa: E402
+from store.metrics.downsample import downsample_indices  # noqa: E402
 
 ITERS_PER_EPOCH = 1000
 
@@ -80,6 +83,9 @@ def bench_backend(backend: str, points: int, max_points: int, repeats: int, pg: 
         assert out["total"] == points and len(out["step"]) <= max_points
         assert out["step"][-1] == points - 1 and max(out["value"]) == float(values.max())
 
+        live = median_ms(read, repeats, before=metrics.invalidate)
+        with engine.begin() as conn:  # the points path from here on, as before them
+            conn.exec_driver_sql("DELETE FROM series_overviews")
         cold = median_ms(read, max(3, repeats // 3), before=metrics.invalidate)
         read()
         warm = median_ms(read, repeats)
@@ -112,7 +118,8 @@ def bench_backend(backend: str, points: int, max_points: int, repeats: int, pg: 
         assert finished["total"] == points + 3000 and finished["step"][-1] == points + 2999
         overview = median_ms(read, max(3, repeats // 3), before=metrics.invalidate)
         rows += [
-            (backend, "cold (fetch all + downsample)", cold),
+            (backend, "cold, running run (live overview + newer points)", live),
+            (backend, "cold, no overview (fetch all + downsample)", cold),
             (backend, "warm (cached)", warm),
             (backend, "warm + 1,000 new points", statistics.median(tails)),
             (backend, "warm, x=epoch, half the range", ranged),

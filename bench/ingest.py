@@ -32,10 +32,11 @@ sys.path.insert(0, str(ROOT))
 import sqlalchemy as sa  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 
+from core.settings import normalize_database_url  # noqa: E402
 from store import runs  # noqa: E402
-from store.config import normalize_url  # noqa: E402
 from store.db import dispose_engines, get_engine, migrate, session  # noqa: E402
-from store.metrics import MetricWriter  # noqa: E402
+from store.metrics import MetricWriter, postgres  # noqa: E402
+from store.metrics.rows import COLUMNS, ON_CONFLICT, Row  # noqa: E402
 from store.models import MetricPoint  # noqa: E402
 
 KEYS = ("loss", "train_err", "lr", "samples", "grad_norm", "step_time", "data_time", "mem")
@@ -54,7 +55,7 @@ def temp_database(backend: str, pg_server: str = PG_DEFAULT) -> Iterator[Engine]
             finally:
                 dispose_engines()
         return
-    server = normalize_url(pg_server).rstrip("/")
+    server = normalize_database_url(pg_server).rstrip("/")
     name = f"batchlab_bench_{uuid.uuid4().hex[:8]}"
     admin = sa.create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -70,17 +71,55 @@ def temp_database(backend: str, pg_server: str = PG_DEFAULT) -> Iterator[Engine]
         admin.dispose()
 
 
+# PostgreSQL write paths measured against the one in use ("copy": COPY + optimistic INSERT).
+def _copy_upsert(engine: Engine, run_id: int, rows: list[Row]) -> None:
+    """COPY, then always ON CONFLICT (no optimistic plain INSERT)."""
+    with postgres.locked_run(engine, run_id) as (_, cur):
+        postgres.stage(cur, rows)
+        cur.execute(postgres.MERGE_STAGED)
+
+
+_UPSERT = f"INSERT INTO metric_points ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s) {ON_CONFLICT}"
+
+
+def _executemany(engine: Engine, run_id: int, rows: list[Row]) -> None:
+    """Upserts by executemany, which psycopg 3 runs in pipeline mode."""
+    with postgres.locked_run(engine, run_id) as (_, cur):
+        cur.executemany(_UPSERT, rows)
+
+
+PG_VARIANTS: dict[str, Callable[[Engine, int, list[Row]], None]] = {
+    "copy_upsert": _copy_upsert,
+    "executemany": _executemany,
+}
+
+
+class VariantWriter(MetricWriter):
+    """The production writer with its batches written by one of PG_VARIANTS instead."""
+
+    def __init__(self, engine: Engine, run_id: int, method: str) -> None:
+        self._variant = PG_VARIANTS[method]
+        super().__init__(engine, run_id)
+
+    def _write_rows(self, rows: list[Row]) -> None:
+        self._variant(self.engine, self.run_id, rows)
+
+
 def new_run(engine: Engine) -> int:
     with session(engine) as s:
         return runs.create_run(s, name="bench", spec={}).id
 
 
-def writer_rate(engine: Engine, points: int, pg_method: str = "copy") -> tuple[float, float]:
-    """(points/s until all committed, points/s of the add() calls alone)."""
+def writer_rate(engine: Engine, points: int, method: str = "copy") -> tuple[float, float]:
+    """(points/s until all committed, points/s of the add() calls alone); ``method``
+    "copy" is the production writer, else one of PG_VARIANTS."""
     run_id = new_run(engine)
     iters = points // len(KEYS)
     t0 = time.perf_counter()
-    writer = MetricWriter(engine, run_id, pg_method=pg_method)
+    if method == "copy":
+        writer = MetricWriter(engine, run_id)
+    else:
+        writer = VariantWriter(engine, run_id, method)
     for it in range(iters):
         # Values computed per iteration like a training loop hands them over.
         writer.add(
@@ -151,14 +190,15 @@ def main() -> int:
     rows = []
     for backend in args.backends.split(","):
         pg = backend == "postgresql"
-        methods = ["copy", "copy_upsert", "executemany"] if pg else ["executemany"]
+        methods = ["copy", *PG_VARIANTS] if pg else ["copy"]
         with temp_database(backend, args.pg) as engine:
             naive = naive_rate(engine, args.naive_points)
             for method in methods:
                 best, median, add_only = repeat(
                     lambda m=method, e=engine: writer_rate(e, args.points, m), args.repeats
                 )
-                rows.append((backend, f"MetricWriter ({method})", best, median, add_only, naive))
+                path = method if pg else "executemany"
+                rows.append((backend, f"MetricWriter ({path})", best, median, add_only, naive))
             if pg and args.compare_fk:
                 add_run_foreign_key(engine)
                 best, median, add_only = repeat(

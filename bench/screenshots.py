@@ -1,12 +1,15 @@
 """Screenshots of every dashboard page (docs/img/*.png) from real training runs.
 
 Starts the API server and a CPU worker on a scratch home (or reuses ``--home``), queues a
-batch-size sweep of MNIST-1D CNNs (k·n = 64 ... 1024 against the k·n = 32 baseline, two
-seeds) and two k·n = 256 runs without warmup and with constant warmup (Figure 2 of Goyal
-et al.), then photographs: the new-run form with its LR preview, the comparison against
-the baseline, the sweep summary, and a last run's page and the runs table while it trains.
+batch-size sweep of small MNIST-1D CNNs (k·n = 64 ... 1024 against the k·n = 32 baseline)
+and two k·n = 256 runs without warmup and with constant warmup (Figure 2 of Goyal et al.),
+tags and annotates some of them, then photographs: the new-run form with its LR preview,
+the comparison against the baseline (light and dark), the sweep summary, the
+sweep's parallel coordinates, a finished run's page (timings, system metrics,
+log), and, while a last run trains, its live page and the runs table with extra columns
+and a selection (the bulk-action bar).
 
-    .venv/bin/python bench/screenshots.py                      # ~8 min on 2 CPUs
+    .venv/bin/python bench/screenshots.py                      # 4-9 min on 2 CPUs
     .venv/bin/python bench/screenshots.py --home /tmp/shots    # keep the runs; a second
                                                                # call trains one run only
 """
@@ -29,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.browser_perf import CHROMIUM, CHROMIUM_ARGS, DRAWN_RECORDER, start_server, stop  # noqa: E402
+from core.status import FINAL_STATUSES  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
-TERMINAL = {"succeeded", "failed", "diverged", "cancelled"}
 
 BASE = {
     "model": "mnist1d_cnn",
@@ -39,16 +42,17 @@ BASE = {
     # 32,000 training samples: even k·n = 1024 takes 31 iterations per epoch (the paper's
     # comparisons hold the epochs, so a tiny set would starve the large batches of steps).
     "dataset_size": 40000,
-    "epochs": 10,
+    "epochs": 8,
     "workers": 1,
     "batch_per_worker": 32,
     "ref_batch": 32,
     "base_lr": 0.05,
     "warmup": "gradual",
     "warmup_epochs": 2,
-    "milestones": [6, 9],
+    "milestones": [6, 7],
     "target_accuracy": 0.95,
-    "checkpoint": False,
+    # The run page offers the checkpoint download and "train N more epochs" only with one.
+    "checkpoint": True,
 }
 SIZES = [64, 128, 256, 512, 1024]
 # The k·n of the warmup comparison (Figure 2): gradual (the sweep's), none and constant.
@@ -89,8 +93,13 @@ def stop_worker(proc: subprocess.Popen) -> None:
             continue
 
 
+def spec_for(epochs: int, **over: Any) -> dict[str, Any]:
+    """BASE trained for `epochs`, its LR divided by 10 two epochs and one epoch before the end."""
+    return {**BASE, "epochs": epochs, "milestones": [epochs - 2, epochs - 1], **over}
+
+
 def submit(http: httpx.Client, epochs: int, seeds: list[int]) -> dict[str, Any]:
-    base = {**BASE, "epochs": epochs}
+    base = spec_for(epochs)
     sweep = http.post(
         "/api/sweeps",
         json={
@@ -111,14 +120,57 @@ def submit(http: httpx.Client, epochs: int, seeds: list[int]) -> dict[str, Any]:
     return {"sweep": sweep.json()["sweep"]["id"], **extra}
 
 
-def shoot(page: Any, route: str, path: Path, view: str | None, settle_ms: int = 400) -> None:
+def annotate(
+    http: httpx.Client, sweep: list[dict[str, Any]], fig2: list[int], pictured: int
+) -> None:
+    """Tags and notes, as a researcher would leave them (PATCH replaces, so reruns agree)."""
+    for run in sweep:
+        tags = ["sweep"] + (["large-batch"] if run["derived"]["total_batch"] >= 512 else [])
+        body: dict[str, Any] = {"tags": tags}
+        if run["id"] == pictured:
+            body["notes"] = "Linear scaling rule (η = 0.05 · k·n / 32), 2 epochs of gradual warmup."
+        http.patch(f"/api/runs/{run['id']}", json=body).raise_for_status()
+    for run_id in fig2:
+        body = {"tags": ["fig2"]}
+        http.patch(f"/api/runs/{run_id}", json=body).raise_for_status()
+
+
+def shoot(
+    page: Any,
+    route: str,
+    path: Path,
+    view: str | None,
+    settle_ms: int = 400,
+    before: Any = None,
+) -> None:
     page.evaluate("window.__drawn = []")
     page.goto(route)
     if view:
         page.wait_for_function(f"window.__drawn.some((d) => d.view === '{view}')", timeout=60_000)
     page.wait_for_timeout(settle_ms)
+    if before:
+        before(page)
     page.screenshot(path=str(path), full_page=True)
-    print("wrote", path)
+    print("wrote", path, flush=True)
+
+
+def wait_for_worker(http: httpx.Client, timeout_s: float = 120) -> None:
+    """The header's light and the form's queue hint read the workers: wait for ours."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        workers = http.get("/api/workers").json()["workers"]
+        if any(w.get("alive") is not False for w in workers):
+            return
+        time.sleep(1)
+
+
+def select_rows(page: Any, count: int) -> None:
+    """Tick the first `count` rows of the runs table: the bulk-action bar appears."""
+    boxes = page.locator("table.runs tbody input[type=checkbox]")
+    for i in range(count):
+        boxes.nth(i).check()
+    page.wait_for_selector(".bulk:not([hidden])")
+    page.wait_for_timeout(300)
 
 
 def main() -> int:
@@ -127,8 +179,8 @@ def main() -> int:
     )
     ap.add_argument("--out", default=str(ROOT / "docs" / "img"))
     ap.add_argument("--home", default=None, help="keep runs here; reuse them if present")
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--seeds", default="0")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,45 +204,64 @@ def main() -> int:
             }
         else:
             ids = submit(http, args.epochs, [int(s) for s in args.seeds.split(",")])
+        e = args.epochs
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             context = browser.new_context(viewport={"width": 1440, "height": 900}, base_url=url)
             context.add_init_script(DRAWN_RECORDER)
             page = context.new_page()
+            wait_for_worker(http)
             shoot(
                 page,
-                "/#/new?workers=32&warmup_epochs=2&epochs=10&ref_batch=32&milestones=6,9"
-                "&baseline=1&name=kn%3D1024+gradual",
+                f"/#/new?workers=32&warmup_epochs=2&epochs={e}&ref_batch=32&base_lr=0.05"
+                f"&dataset_size={BASE['dataset_size']}"
+                f"&milestones={e - 2},{e - 1}&baseline=1&name=kn%3D1024+gradual",
                 out / "new-run.png",
                 "new",
             )
-            while any(r["status"] not in TERMINAL for r in http.get("/api/runs").json()):
+            t0 = time.monotonic()
+            while any(r["status"] not in FINAL_STATUSES for r in http.get("/api/runs").json()):
                 time.sleep(3)
+            print(f"runs trained in {time.monotonic() - t0:.0f} s", flush=True)
             detail = http.get(f"/api/sweeps/{ids['sweep']}").json()
             base = [r["id"] for r in detail["runs"] if r["is_baseline"]]
             big = [r["id"] for r in detail["runs"] if r["derived"]["total_batch"] == FIG2_KN]
+            annotate(http, detail["runs"], [ids["none"], ids["constant"]], big[0])
             chosen = sorted(base + big + [ids["none"], ids["constant"]])
-            shoot(
-                page,
-                f"/#/compare?runs={','.join(map(str, chosen))}&baseline={base[0]}&smooth=0.6",
-                out / "compare.png",
-                "compare",
-                800,
-            )
+            compare = f"/#/compare?runs={','.join(map(str, chosen))}&baseline={base[0]}&smooth=0.6"
+            shoot(page, compare, out / "compare.png", "compare", 800)
             shoot(page, f"/#/sweep/{ids['sweep']}", out / "sweep.png", "sweep", 800)
+            shoot(page, f"/#/parallel?group={ids['sweep']}", out / "parallel.png", "parallel", 800)
+            # A finished run: every panel (training, timings, system metrics) and its log.
+            shoot(page, f"/#/run/{big[0]}?x=epoch&smooth=0.6", out / "run.png", "run", 1500)
+            dark = browser.new_context(
+                viewport={"width": 1440, "height": 900}, base_url=url, color_scheme="dark"
+            )
+            dark.add_init_script(DRAWN_RECORDER)
+            shoot(dark.new_page(), compare, out / "compare-dark.png", "compare", 800)
+            dark.close()
             # One more run, photographed about half way: its live page and the table.
-            live = {**BASE, "epochs": 2 * args.epochs, "workers": 2, "seed": 2}
-            http.post(
+            live = spec_for(2 * e, workers=2, seed=2)
+            live_id = http.post(
                 "/api/runs", json={"name": "kn=64 gradual, longer", "spec": live}
-            ).raise_for_status()
+            ).json()["run"]["id"]
             while True:
-                running = http.get("/api/runs", params={"status": "running"}).json()
-                if running and 0.3 <= (running[0]["progress"] or 0) <= 0.6:
+                progress = http.get(f"/api/runs/{live_id}").json()["progress"] or 0
+                if 0.3 <= progress <= 0.6:
                     break
                 time.sleep(0.3)
-            shoot(page, f"/#/run/{running[0]['id']}", out / "run.png", "run", 2000)
-            shoot(page, "/#/runs", out / "runs.png", None, 1000)
+            shoot(page, f"/#/run/{live_id}", out / "run-live.png", "run", 2000)
+            shoot(
+                page,
+                "/#/runs?sort=-kn&cols=s.best_val_err,s.samples_per_s",
+                out / "runs.png",
+                "runs",
+                1000,
+                before=lambda pg: select_rows(pg, 3),
+            )
             browser.close()
+            # Stopping the worker mid-run would fail the run; a cancel leaves it tidy.
+            http.post(f"/api/runs/{live_id}/cancel")
     finally:
         stop_worker(worker)
         stop(server)
