@@ -98,7 +98,7 @@ export async function mount(root, route) {
         h('br'),
         'Select two or more runs in the ',
         h('a', { href: '#/runs' }, 'Runs table'),
-        ' and press “Parallel”, or open a sweep from the ',
+        ' and press “Parallel coordinates”, or open a sweep from the ',
         h('a', { href: '#/sweep' }, 'Sweeps'),
         ' list.',
       );
@@ -113,7 +113,8 @@ export async function mount(root, route) {
     const trace = {
       type: 'parcoords',
       dimensions: dims,
-      line: { color: errs, colorscale: 'Viridis', reversescale: true, showscale: true, colorbar: { title: { text: 'err %' } } },
+      // Low error dark, high error pale: the best runs stand out on the white page.
+      line: { color: errs, colorscale: 'Viridis', showscale: true, colorbar: { title: { text: 'err %' } } },
       meta: { runs: done.map((r) => r.id) },
     };
     const layout = baseLayout({ margin: { l: 70, r: 70, t: 48, b: 24 }, showlegend: false });

@@ -703,7 +703,8 @@ export async function mount(root, route) {
       logPre.append(h('span', { class: `log-line log-${line.stream}`, dataset: { seq: line.seq } }, `${line.text}\n`));
     }
     while (logPre.childElementCount > LOG_KEEP) logPre.firstElementChild.remove();
-    setText(logInfo, `(${logPre.childElementCount} lines${logPre.childElementCount >= LOG_KEEP ? ', the newest' : ''})`);
+    const count = logPre.childElementCount;
+    setText(logInfo, `(${count} ${count === 1 ? 'line' : 'lines'}${count >= LOG_KEEP ? ', the newest' : ''})`);
     if (follow) logPre.scrollTop = logPre.scrollHeight;
   }
 
