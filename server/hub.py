@@ -39,7 +39,7 @@ QUEUE_MAX = 64
 # database connection.
 CATCHUP_CONCURRENCY = 4
 
-# (kind, data): ("points", Points), ("status", run), ("gone", None), ("error", exception),
+# (kind, data): ("points", Points), ("status", Status), ("gone", None), ("error", exception),
 # ("resync", None)
 Message = tuple[str, Any]
 
@@ -47,9 +47,25 @@ Message = tuple[str, Any]
 @dataclass
 class Points:
     """One read's points, the same object on every subscriber's queue: a subscriber that
-    sends all of them reuses the JSON the first one encoded."""
+    sends all of them reuses the JSON and the event id the first one encoded.
+
+    ``start`` and ``end`` are the hub reader's cursors before and after the read: a
+    subscriber whose cursors equal ``start`` takes every point without looking at each
+    (the usual case; 50 streams of a fast run were 50 loops over every point per poll).
+    """
 
     items: list[dict[str, Any]]
+    encoded: str | None = None
+    start: dict[str, int] | None = None
+    end: dict[str, int] | None = None
+    event_id: str | None = None
+
+
+@dataclass
+class Status:
+    """One poll's run, shared like ``Points``: encoded once for every subscriber."""
+
+    run: dict[str, Any]
     encoded: str | None = None
 
 
@@ -59,6 +75,12 @@ class Reader(Protocol):
     def load_run(self) -> dict[str, Any] | None: ...
 
     def read_points(self) -> tuple[list[dict[str, Any]], bool]: ...
+
+
+def _cursors(reader: Reader) -> dict[str, int] | None:
+    """The reader's cursors (``RunStream.cursors``), if it keeps them."""
+    cursors = getattr(reader, "cursors", None)
+    return dict(cursors) if cursors is not None else None
 
 
 class Subscription:
@@ -133,13 +155,15 @@ class RunHub:
                     return
                 more = True
                 while more:
+                    start = _cursors(self.reader)
                     points, more = await run_in_threadpool(self.reader.read_points)
                     if points:
-                        self._broadcast(("points", Points(points)))
+                        end = _cursors(self.reader)
+                        self._broadcast(("points", Points(points, start=start, end=end)))
                 if run["status"] in FINAL_STATUSES:
-                    self._finish(("status", run))
+                    self._finish(("status", Status(run)))
                     return
-                self._broadcast(("status", run))
+                self._broadcast(("status", Status(run)))
                 await asyncio.sleep(self.poll_s)
         except asyncio.CancelledError:
             raise

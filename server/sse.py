@@ -2,7 +2,8 @@
 
 ``GET /api/runs/{id}/stream`` sends, in order:
 
-- ``status`` (a Run) on connect, and again whenever status or progress changes;
+- ``status`` (a Run) on connect, at once when its status (or attempt, device, waiting
+  reason) changes, and at most once a second when only its progress moves;
 - ``points`` ``{"points": [{"key", "step", "epoch", "wall_time", "value"}]}`` with the
   points stored since the previous event, polled every ``POLL_S`` and coalesced into one
   event per poll (catch-up after a reconnect is split into chunks);
@@ -27,7 +28,9 @@ joins. At most ``BATCHLAB_MAX_STREAMS`` streams are open at once (past it: 503 w
 from __future__ import annotations
 
 import logging
+import math
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -42,7 +45,7 @@ from starlette.types import Receive, Scope, Send
 from core.status import FINAL_STATUSES
 from server.deps import Context, CtxDep, RunIdPath
 from server.encode import dumps
-from server.hub import HubRegistry, Subscription
+from server.hub import HubRegistry, Points, Subscription
 from server.schemas import runs_out
 from store import db
 from store import metrics as store_metrics
@@ -54,6 +57,9 @@ router = APIRouter(prefix="/api", tags=["runs"])
 # Points per key per database read: a reconnect to a long run catches up in chunks.
 CATCHUP_LIMIT = 5000
 PING_S = 15
+# A status event for progress alone at most this often (status changes go at once): the
+# hub polls 4 times a second, and each event costs the API per stream (issue 10).
+PROGRESS_EVERY_S = 1.0
 # What a client refused for too many streams is told to wait, in seconds.
 RETRY_AFTER_S = 10
 # Cursor steps are BIGINT in the store: larger ones would overflow the query (a 500).
@@ -120,6 +126,7 @@ class RunStream:
         self.floor = floor
         self.hubs = hubs
         self.last_status: tuple[Any, ...] | None = None
+        self.last_status_at = -math.inf
 
     # --- blocking reads (run in the thread pool) ---------------------------------------
     def load_run(self) -> dict[str, Any] | None:
@@ -158,12 +165,30 @@ class RunStream:
         return fresh
 
     # --- events ------------------------------------------------------------------------
-    def status_event(self, run: dict[str, Any]) -> ServerSentEvent:
+    def status_event(self, run: dict[str, Any], encoded: str | None = None) -> ServerSentEvent:
         self.last_status = _status_key(run)
-        return ServerSentEvent(dumps(run), event="status", id=format_cursor(self.cursors))
+        self.last_status_at = time.monotonic()
+        data = encoded if encoded is not None else dumps(run)
+        return ServerSentEvent(data, event="status", id=format_cursor(self.cursors))
 
-    def changed(self, run: dict[str, Any]) -> bool:
-        return _status_key(run) != self.last_status
+    def due(self, run: dict[str, Any]) -> bool:
+        """A status event is due: status, attempt, device or waiting reason changed (at
+        once), or progress moved and the last one is ``PROGRESS_EVERY_S`` old."""
+        key, last = _status_key(run), self.last_status
+        if key == last:
+            return False
+        moved_only = last is not None and key[0] == last[0] and key[2:] == last[2:]
+        return not moved_only or time.monotonic() - self.last_status_at >= PROGRESS_EVERY_S
+
+    def takes_all(self, points: Points) -> bool:
+        """Whether every point of the hub's read is new to this stream: its cursors are the
+        read's start and the read brought no key it has not seen (the floor may apply)."""
+        return (
+            points.start is not None
+            and points.end is not None
+            and self.cursors == points.start
+            and points.end.keys() == points.start.keys()
+        )
 
     def points_event(
         self, points: list[dict[str, Any]], encoded: str | None = None
@@ -233,17 +258,23 @@ class RunStream:
         while True:
             kind, data = await sub.queue.get()
             if kind == "points":
-                points = self.accept(data.items)
-                if len(points) == len(data.items):  # the usual case: encode once for all
+                if self.takes_all(data):  # the usual case: one encoding for every stream
+                    self.cursors = dict(data.end)
                     if data.encoded is None:
-                        data.encoded = dumps({"points": points})
-                    yield self.points_event(points, encoded=data.encoded)
-                elif points:
+                        data.encoded = dumps({"points": data.items})
+                        data.event_id = format_cursor(self.cursors)
+                    yield ServerSentEvent(data.encoded, event="points", id=data.event_id)
+                    continue
+                points = self.accept(data.items)
+                if points:
                     yield self.points_event(points)
             elif kind == "status":
-                final = data["status"] in FINAL_STATUSES
-                if final or self.changed(data):
-                    yield self.status_event(data)
+                run = data.run
+                final = run["status"] in FINAL_STATUSES
+                if final or self.due(run):
+                    if data.encoded is None:
+                        data.encoded = dumps(run)
+                    yield self.status_event(run, encoded=data.encoded)
                 if final:
                     return
             elif kind == "gone":

@@ -72,3 +72,14 @@ def test_override_keeps_unset_fields() -> None:
     s = base.override(database_url="sqlite://", broker_url=None, token=None)
     assert s.database_url == "sqlite://"
     assert (s.broker_url, s.token) == (base.broker_url, "env")
+
+
+def test_training_threads_leave_one_core_unless_set() -> None:
+    from core.settings import training_threads
+
+    assert training_threads(0, 2) == 1
+    assert training_threads(0, 16) == 15
+    assert training_threads(0, 1) == 1
+    assert training_threads(3, 2) == 3
+    assert Settings.from_env({"BATCHLAB_TORCH_THREADS": "4"}).torch_threads == 4
+    assert Settings.from_env({"BATCHLAB_TORCH_THREADS": ""}).torch_threads == 0

@@ -9,6 +9,7 @@ and that streams past BATCHLAB_MAX_STREAMS answer 503 with Retry-After.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import threading
@@ -332,3 +333,37 @@ def test_up_runs_the_api_nicer_than_its_worker(tmp_path):
         assert nice(int(match.group(1))) == base
     finally:
         stop(proc, log)
+
+
+@pytest.mark.slow
+def test_streams_share_each_read_and_progress_alone_is_sent_once_a_second(app):
+    """Three streams of a run whose points and progress move every 50 ms: each gets every
+    step once, in order (the shared fast path, server.hub.Points.start/end), progress-only
+    status events at most about once a second, and the final status at once."""
+    run_id = running_run(app)
+    engine = app.state.ctx.engine
+    metrics.write_points(engine, run_id, [(0, {"loss": 1.0}, 0.0, 0.0)])
+    steps = 60
+    with serve_in_thread(app) as url:
+        clients = [Follower(f"{url}/api/runs/{run_id}/stream?since=0") for _ in range(3)]
+        for c in clients:
+            c.start()
+        wait_for(lambda: subscribers(app, run_id) == 3)
+        t0 = time.monotonic()
+        for step in range(1, steps + 1):
+            metrics.write_points(engine, run_id, [(step, {"loss": 1.0 / step}, 0.0, 0.0)])
+            with db.session(engine) as s:
+                runs.set_progress(s, run_id, step / steps, None)
+            time.sleep(0.05)
+        elapsed = time.monotonic() - t0
+        time.sleep(0.6)  # the last points reach every stream
+        with db.session(engine) as s:
+            runs.mark_finished(s, run_id, "succeeded")
+        for c in clients:
+            c.join(15)
+    for c in clients:
+        assert c.steps("loss") == list(range(1, steps + 1))
+        statuses = [d for k, d in c.events if k == "status"]
+        # connect, about one per second of progress, the final one
+        assert 3 <= len(statuses) <= 2 + math.ceil(elapsed) + 1, (len(statuses), elapsed)
+        assert statuses[-1]["status"] == "succeeded"
