@@ -19,10 +19,28 @@ const SKIP = new Set(['data_root', 'checkpoint', 'device', 'eval_every', 'name']
 
 const text = (v) => (v == null ? 'none' : Array.isArray(v) ? v.join('/') : String(v));
 
-/** One parcoords dimension of `values` (numbers as they are, anything else as categories). */
-export function dimension(label, values) {
+// Range and tick labels: three significant digits, no trailing zeros (0.1, 0.0125, 2048).
+const NUMBER_FORMAT = '.3~g';
+const round3 = (v) => Number(v.toPrecision(3));
+
+/**
+ * One parcoords dimension of `values`: numbers as they are, or on a log2 scale with a tick
+ * at each value when `log` (batch sizes and LRs double along a sweep; parcoords has no log
+ * axis), anything else as categories.
+ */
+export function dimension(label, values, { log = false } = {}) {
   if (values.every((v) => typeof v === 'number' && Number.isFinite(v))) {
-    return { label, values };
+    if (log && values.every((v) => v > 0)) {
+      const ticks = [...new Set(values)].sort((a, b) => a - b);
+      return {
+        label,
+        values: values.map(Math.log2),
+        tickvals: ticks.map(Math.log2),
+        ticktext: ticks.map((v) => String(Number.isInteger(v) ? v : round3(v))),
+        meta: { log2: true },
+      };
+    }
+    return { label, values, tickformat: NUMBER_FORMAT };
   }
   const cats = [...new Set(values.map(text))].sort();
   return { label, values: values.map((v) => cats.indexOf(text(v))), tickvals: cats.map((_, i) => i), ticktext: cats };
@@ -34,15 +52,15 @@ export function dimensionsOf(runs, errField, errLabel) {
   const dims = [];
   const differs = (values) => new Set(values.map((v) => JSON.stringify(v ?? null))).size > 1;
   const kns = derived.map((d) => d.kn);
-  if (differs(kns)) dims.push(dimension('k·n', kns));
+  if (differs(kns)) dims.push(dimension('k·n', kns, { log: true }));
   const keys = [...new Set(runs.flatMap((r) => Object.keys(r.spec || {})))].filter((k) => !SKIP.has(k)).sort();
   for (const k of keys) {
     const values = runs.map((r) => r.spec?.[k] ?? null);
     if (differs(values)) dims.push(dimension(k, values));
   }
   const peaks = derived.map((d) => d.peak);
-  if (differs(peaks) && peaks.every(Number.isFinite)) dims.push(dimension('peak LR', peaks));
-  dims.push({ label: errLabel, values: runs.map((r) => 100 * r.summary[errField]) });
+  if (differs(peaks) && peaks.every(Number.isFinite)) dims.push(dimension('peak LR', peaks, { log: true }));
+  dims.push({ label: errLabel, values: runs.map((r) => 100 * r.summary[errField]), tickformat: NUMBER_FORMAT });
   return dims;
 }
 

@@ -11,7 +11,9 @@ PARCOORDS_JS = """() => {
     const t = document.getElementById('parallel-chart').data[0];
     return {type: t.type, runs: t.meta.runs,
             dims: t.dimensions.map((d) => ({label: d.label, values: Array.from(d.values),
-                                            ticktext: d.ticktext || null}))};
+                                            ticktext: d.ticktext || null,
+                                            tickvals: d.tickvals ? Array.from(d.tickvals) : null,
+                                            tickformat: d.tickformat || null}))};
 }"""
 
 
@@ -67,7 +69,12 @@ def test_sweep_draws_one_line_per_finished_run(page, parallel_sweep, ui) -> None
     assert labels == ["k·n", "norm", "workers", "peak LR", "final val err (%)"]
     assert all(len(d["values"]) == 3 for d in fig["dims"])
     by = {d["label"]: d for d in fig["dims"]}
-    assert by["k·n"]["values"] == [512, 1024, 1024]
+    # k·n and peak LR on a log2 scale (parcoords has no log axis), a tick at each value;
+    # numbers labelled with 3 significant digits.
+    assert by["k·n"]["values"] == [9, 10, 10]
+    assert by["k·n"]["tickvals"] == [9, 10] and by["k·n"]["ticktext"] == ["512", "1024"]
+    assert all(len(t.replace(".", "").lstrip("0")) <= 3 for t in by["peak LR"]["ticktext"])
+    assert by["final val err (%)"]["tickformat"] == ".3~g"
     assert by["norm"]["ticktext"] == ["bn_local", "gn"] and by["norm"]["values"] == [0, 0, 1]
     assert by["final val err (%)"]["values"] == pytest.approx([21, 22, 25])
     assert "1 without a final val err yet left out" in page.locator(".parallel-view").inner_text()
