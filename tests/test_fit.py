@@ -115,7 +115,7 @@ def params_of(run_dir: Path) -> dict[str, torch.Tensor]:
 
 # --- what a run reports ------------------------------------------------------------------
 def test_metric_keys_meta_and_summary() -> None:
-    spec = tiny()
+    spec = tiny(noise_every=0, health_every=0)  # the probes' keys: tests/test_noise_scale.py
     sink, result = run(spec)
     assert result == FitResult("succeeded", 10, 2.0, None, result.summary, None)
     assert sink.closed

@@ -101,6 +101,7 @@ def test_derived_figures_for_the_paper_8k_run() -> None:
     assert spec.summary_dict() == {
         "total_batch": 8192,
         "peak_lr": spec.peak_lr,
+        "update_batch": 8192,
         "iters_per_epoch": spec.iters_per_epoch,
         "total_iters": spec.total_iters,
     }

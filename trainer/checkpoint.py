@@ -42,6 +42,8 @@ IGNORED_ON_RESUME = frozenset(
         "device",
         "data_root",
         "compile",
+        "noise_every",  # measuring (trainer/noise.py, trainer/health.py) changes no update
+        "health_every",
     }
 )
 

@@ -240,6 +240,8 @@ class _Run:
         self.chunk_stats = bn_stats if len(layout.chunks) > 1 and bn_stats.stats else None
         self.optimizer = build_optimizer(self.model, spec)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.noise, self.health = self._probes()
+        self.probes = [p for p in (self.health, self.noise) if p is not None]  # health first
 
         self.start_epoch, self.wall_offset = 0, 0.0
         self.tracker = SummaryTracker(
@@ -248,6 +250,7 @@ class _Run:
             peak_lr=spec.peak_lr,
             target_accuracy=spec.target_accuracy,
             samples_dropped_per_epoch=layout.samples_dropped_per_epoch,
+            backward_splits=layout.backward_splits,
         )
         state = ckpt.load_checkpoint(self.ckpt_path) if resume and self.ckpt_path else None
         if state is not None:
@@ -265,6 +268,8 @@ class _Run:
                 self.tracker.osc_sum, self.tracker.osc_count = 0.0, 0
             if ctx.rank < len(state["rng"]):
                 ckpt.set_rng_state(state["rng"][ctx.rank])
+            if self.noise is not None and "noise" in state:
+                self.noise.load_state_dict(state["noise"])  # the EMA continues
         self.resumed = state is not None
         # DDP after loading: it broadcasts rank 0's parameters and buffers at construction.
         self.ddp = tdist.wrap_ddp(self.model, ctx, device) if ctx.distributed else None
@@ -274,6 +279,41 @@ class _Run:
             # would be two graphs). self.model keeps the plain module for state_dict.
             self.net = torch.compile(self.net)  # type: ignore[assignment]
         self.setup_s = time.perf_counter() - t0
+
+    def _probes(self) -> tuple[Any, Any]:
+        """The noise-scale and layer-health probes the spec asks for (issue 13), or None."""
+        from trainer.health import HealthProbe
+        from trainer.noise import NoiseProbe, small_batch_size
+        from trainer.norms import norm_group_size, set_group_size
+
+        spec, layout, model = self.spec, self.layout, self.model
+        noise = health = None
+        # With backward_splits an update's gradient is of kn/m samples taken from one
+        # forward: no plain big-batch gradient to pair with a small one.
+        if spec.noise_every > 0 and spec.backward_splits == 1:
+            train_group = norm_group_size(spec, layout.micro_batch)
+            norms = nn.ModuleList(m for m in model.modules() if hasattr(m, "group_size"))
+
+            def regroup(size: int | None) -> None:
+                group = train_group if size is None else norm_group_size(spec, size)
+                if group != train_group or size is None:
+                    set_group_size(norms, group)  # the norms alone: walking the model is slow
+
+            noise = NoiseProbe(
+                model=model,
+                params=self.params,
+                every=spec.noise_every,
+                total_batch=layout.total_batch,
+                first_chunk=layout.micro_batch,
+                chunked=len(layout.chunks) > 1,
+                small=small_batch_size(spec.workers, spec.batch_per_worker),
+                pair_previous=spec.workers == 1 and not self.ctx.distributed,
+                regroup=regroup,
+                autocast=self._autocast,
+            )
+        if spec.health_every > 0:
+            health = HealthProbe(model, spec.health_every, dead=not spec.compile)
+        return noise, health
 
     def release(self) -> None:
         """Drop the DDP wrapper now, not whenever GC gets to it."""
@@ -301,6 +341,7 @@ class _Run:
             "in_memory": self.data.in_memory,
             "data_on_device": self.data.on_device,
             "micro_batch": layout.micro_batch,
+            "backward_splits": layout.backward_splits,
             "start_step": self.start_epoch * layout.iters_per_epoch,
             "resumed": self.resumed,
             "setup_s": self.setup_s,
@@ -374,6 +415,10 @@ class _Run:
 
     def _train_epoch(self, epoch: int) -> bool:
         """Train one epoch; True when a stop was requested (cancel after this epoch)."""
+        if self.layout.backward_splits > 1:  # seed 004: one forward, m updates
+            from trainer.splits import train_epoch
+
+            return train_epoch(self, epoch)
         ipe, opt = self.layout.iters_per_epoch, self.optimizer
         self.totals = EpochTotals()
         t_epoch = t_prev = time.perf_counter()
@@ -385,9 +430,15 @@ class _Run:
             t0 = time.perf_counter()
             batch = next(batches)
             self.totals.data_time += time.perf_counter() - t0
+            for probe in self.probes:
+                probe.begin(it)
             loss, wrong = self._forward_backward(batch)
             grad_norm = _grad_norm(self.params)
+            for probe in self.probes:
+                probe.before_step(it, batch.x, batch.y, grad_norm)
             opt.step()
+            for probe in self.probes:
+                probe.after_step(it)
             opt.zero_grad(set_to_none=True)
             t_end = time.perf_counter()
             self.buffer.add(IterationRecord(it, lr, t_end - t_prev, t_end), loss, wrong, grad_norm)
@@ -457,12 +508,13 @@ class _Run:
         figures = [IterationFigures(*row) for row in values.tolist()]
         buf.flush_every = int(every)
         self._log_iterations(records, figures)
+        self._log_probes(records)
         return stop > 0
 
     def _log_iterations(
         self, records: list[IterationRecord], figures: list[IterationFigures]
     ) -> None:
-        kn, ipe = self.layout.total_batch, self.layout.iters_per_epoch
+        kn, ipe = self.layout.update_batch, self.layout.iters_per_epoch  # kn/m per update
         factor = self.spec.divergence_factor
         for (it, lr, step_time, t_end), (loss, wrong, grad_norm) in zip(
             records, figures, strict=True
@@ -497,6 +549,14 @@ class _Run:
             self.pbar.set_postfix(
                 loss=f"{figures[-1].loss:.4f}", lr=f"{records[-1].lr:.4g}", refresh=False
             )
+
+    def _log_probes(self, records: list[IterationRecord]) -> None:
+        """The noise-scale and layer-health points measured since the last flush."""
+        ends, ipe = {r.it: r.t_end for r in records}, self.layout.iters_per_epoch
+        for probe in self.probes:
+            for it, values in probe.take():
+                wall = self.wall_offset + ends.get(it, records[-1].t_end) - self.t_start
+                self.sink.log(it, values, epoch=(it + 1) / ipe, wall_time=wall)
 
     def _end_epoch(self, epoch: int, epoch_time: float) -> None:
         spec, ipe, totals = self.spec, self.layout.iters_per_epoch, self.totals
@@ -567,6 +627,7 @@ class _Run:
                 "wall_time": wall,
                 "rng": rngs,
                 "tracker": self.tracker.state_dict(),
+                **({"noise": self.noise.state_dict()} if self.noise is not None else {}),
             },
         )
 

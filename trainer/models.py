@@ -139,6 +139,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=bias)
         self.norm2 = make_norm(spec, c_out, 2)
         self.stride, self.pad = stride, c_out - c_in
+        self.relu = nn.ReLU()  # a module, so trainer/health.py can hook it (no state)
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
@@ -149,7 +150,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.norm2(self.conv2(self.act1(self.conv1(x))))
-        return F.relu(out + self.shortcut(x))
+        return self.relu(out + self.shortcut(x))
 
 
 class ResNet20(nn.Module):

@@ -80,6 +80,10 @@ MAX_SEED = 2**32 - 1  # numpy's seed range; seed * 1_000_003 + epoch fits torch'
 MAX_TEXT = 4096
 
 DEFAULT_EPOCHS = 20
+# Measured cost at these intervals: docs/benchmarks.md (issue 13; <= 5% and <= 3%).
+DEFAULT_NOISE_EVERY = 20
+DEFAULT_HEALTH_EVERY = 20
+MAX_PROBE_EVERY = 1_000_000
 # Goyal et al.: the LR drops /10 at epochs 30, 60 and 80 of 90.
 PAPER_EPOCHS = 90
 PAPER_MILESTONES = (30, 60, 80)
@@ -156,6 +160,13 @@ class RunSpec(BaseModel):
         description="Largest number of samples per forward pass; bigger iterations are "
         "accumulated. None: the whole iteration at once.",
     )
+    backward_splits: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="m (seed 004): one forward over the kn batch, then m updates, each "
+        "from the mean loss of one of m equal chunks at the forward's weights. 1: plain.",
+    )
 
     # --- learning rate ------------------------------------------------------------------
     base_lr: float = Field(0.1, gt=0, le=1000, description="eta for the reference batch.")
@@ -226,6 +237,20 @@ class RunSpec(BaseModel):
         20.0, gt=1, le=1e6, description="Stop as diverged when loss exceeds this times its start."
     )
     checkpoint: bool = Field(True, description="Save a checkpoint at the end of each epoch.")
+    noise_every: int = Field(
+        DEFAULT_NOISE_EVERY,
+        ge=0,
+        le=MAX_PROBE_EVERY,
+        description="Iterations between gradient-noise-scale measurements (McCandlish et "
+        "al. 2018; trainer/noise.py). 0: off.",
+    )
+    health_every: int = Field(
+        DEFAULT_HEALTH_EVERY,
+        ge=0,
+        le=MAX_PROBE_EVERY,
+        description="Iterations between per-layer health measurements (dead ReLUs, "
+        "norms, update ratios; trainer/health.py). 0: off.",
+    )
 
     @model_validator(mode="wrap")
     @classmethod
@@ -333,6 +358,33 @@ class RunSpec(BaseModel):
             raise ValueError(f"micro_batch={v} must divide batch_per_worker={n} or exceed it")
         return v
 
+    @field_validator("backward_splits")
+    @classmethod
+    def _splits_fit(cls, v: int, info: ValidationInfo) -> int:
+        # trainer/splits.py: the m chunk gradients come from one graph in one process.
+        k, n = info.data.get("workers"), info.data.get("batch_per_worker")
+        if v == 1 or k is None or n is None:
+            return v
+        micro = info.data.get("micro_batch")
+        if (k * n) % v:
+            raise ValueError(f"backward_splits={v} must divide the total batch k*n = {k * n}")
+        if info.data.get("nproc", 1) > 1:
+            raise ValueError("backward_splits > 1 runs in one process: set nproc=1")
+        if micro is not None and micro < k * n:
+            raise ValueError(
+                "backward_splits > 1 needs the whole kn in one forward pass: unset micro_batch"
+            )
+        return v
+
+    @field_validator("weight_decay_norm")
+    @classmethod
+    def _decay_norm_possible(cls, v: bool, info: ValidationInfo) -> bool:
+        # pytorch-optimizer's LARS never decays 1-D tensors (BN gamma/beta, biases):
+        # refuse at submission rather than fail when the optimizer is built (docs/lars.md).
+        if v and info.data.get("optimizer") == "lars":
+            raise ValueError("optimizer lars cannot decay norm parameters and biases")
+        return v
+
     @field_validator("warmup_epochs")
     @classmethod
     def _warmup_fits(cls, v: float, info: ValidationInfo) -> float:
@@ -399,11 +451,12 @@ class RunSpec(BaseModel):
 
     @property
     def iters_per_epoch(self) -> int:
-        """Full iterations per epoch (the last partial minibatch is dropped)."""
+        """Iterations (updates) per epoch: full minibatches (the last partial one is
+        dropped), times backward_splits."""
         n_train = self.train_size
         if n_train is None:
             raise ValueError("training set size unknown: set dataset_size")
-        return max(1, n_train // self.total_batch)
+        return max(1, n_train // self.total_batch) * self.backward_splits
 
     @property
     def total_iters(self) -> int:
@@ -429,8 +482,9 @@ class RunSpec(BaseModel):
         n = self.batch_per_worker
         k, n = (self.ref_batch // n, n) if self.ref_batch % n == 0 else (1, self.ref_batch)
         nproc = self.nproc if k % self.nproc == 0 else 1
+        plain = {"warmup": "none", "backward_splits": 1}  # the paper's reference run
         return self.model_copy(
-            update={"workers": k, "batch_per_worker": n, "nproc": nproc, "warmup": "none"}
+            update={"workers": k, "batch_per_worker": n, "nproc": nproc, **plain}
         )
 
     def with_total_batch(self, total: int) -> RunSpec:
@@ -444,7 +498,12 @@ class RunSpec(BaseModel):
 
     def summary_dict(self) -> dict[str, Any]:
         """Derived figures shown beside a run (tables, legends)."""
-        out: dict[str, Any] = {"total_batch": self.total_batch, "peak_lr": self.peak_lr}
+        out: dict[str, Any] = {
+            "total_batch": self.total_batch,
+            "peak_lr": self.peak_lr,
+            # Samples per logged step: kn, or kn/m with backward_splits (an update each).
+            "update_batch": self.total_batch // self.backward_splits,
+        }
         if self.train_size is not None:
             out.update(iters_per_epoch=self.iters_per_epoch, total_iters=self.total_iters)
         return out
