@@ -61,7 +61,13 @@ def micro_batch_size(process_batch: int, n: int, micro_batch: int | None) -> int
 
 @dataclass(frozen=True)
 class Layout:
-    """Iterations, epochs and this process's share of each iteration's kn samples."""
+    """Iterations, epochs and this process's share of each iteration's kn samples.
+
+    An iteration is one update. With ``backward_splits`` m > 1 (seed 004,
+    trainer/splits.py) one forward pass over kn samples serves m iterations, each on
+    ``update_batch`` = kn/m of them: ``iters_per_epoch`` counts updates (what the LR
+    schedule, metrics and checkpoints count), ``forwards_per_epoch`` the kn batches.
+    """
 
     seed: int
     train_size: int
@@ -72,6 +78,7 @@ class Layout:
     process_batch: int  # kn / P
     offset: int  # where this process's samples start in each iteration's kn
     chunks: tuple[Chunk, ...]
+    backward_splits: int = 1
 
     @classmethod
     def build(
@@ -85,11 +92,13 @@ class Layout:
             train_size=train_size,
             val_size=val_size,
             total_batch=kn,
-            iters_per_epoch=train_size // kn,  # the last partial minibatch is dropped
+            # the last partial minibatch is dropped; each kn batch makes m updates
+            iters_per_epoch=(train_size // kn) * spec.backward_splits,
             epochs=spec.epochs,
             process_batch=pb,
             offset=rank * pb,
             chunks=tuple(Chunk(a, min(a + size, pb)) for a in range(0, pb, size)),
+            backward_splits=spec.backward_splits,
         )
 
     @property
@@ -97,15 +106,25 @@ class Layout:
         return self.epochs * self.iters_per_epoch
 
     @property
+    def forwards_per_epoch(self) -> int:
+        """kn batches per epoch (forward passes; each makes ``backward_splits`` updates)."""
+        return self.iters_per_epoch // self.backward_splits
+
+    @property
+    def update_batch(self) -> int:
+        """Samples behind one update: kn / backward_splits."""
+        return self.total_batch // self.backward_splits
+
+    @property
     def micro_batch(self) -> int:
         return self.chunks[0].stop - self.chunks[0].start
 
     @property
     def samples_dropped_per_epoch(self) -> int:
-        return self.train_size - self.iters_per_epoch * self.total_batch
+        return self.train_size - self.forwards_per_epoch * self.total_batch
 
     def indices(self, epoch: int, device: torch.device | None = None) -> Iterator[torch.Tensor]:
-        """This process's sample indices of each iteration of ``epoch``, on ``device`` (moved
+        """This process's sample indices of each kn batch of ``epoch``, on ``device`` (moved
         once an epoch, asynchronously from pinned memory on CUDA: a copy from pageable
         memory would wait for the GPU's queue to drain)."""
         perm = epoch_permutation(self.seed, epoch, self.train_size)
@@ -113,7 +132,7 @@ class Layout:
             perm = perm.pin_memory().to(device, non_blocking=True)
         else:
             perm = perm.to(device)
-        for i in range(self.iters_per_epoch):
+        for i in range(self.forwards_per_epoch):
             lo = i * self.total_batch + self.offset
             yield perm[lo : lo + self.process_batch]
 

@@ -90,6 +90,7 @@ class SummaryTracker:
     peak_lr: float
     target_accuracy: float | None = None
     samples_dropped_per_epoch: int = 0
+    backward_splits: int = 1  # an iteration (update) covers total_batch / this samples
     first_loss: float | None = None
     iterations: int = 0
     train_time: float = 0.0
@@ -135,7 +136,9 @@ class SummaryTracker:
             "epochs_to_target": hit.epoch if hit else None,
             "loss_oscillation": self.osc_sum / self.osc_count if self.osc_count else None,
             "samples_per_s": (
-                self.iterations * self.total_batch / self.train_time if self.train_time else None
+                self.iterations * self.total_batch / self.backward_splits / self.train_time
+                if self.train_time
+                else None
             ),
             "wall_time_s": self.wall_time,
             "peak_lr": self.peak_lr,
