@@ -112,9 +112,16 @@ Queue the run described by a RunSpec YAML file on a running batchlab server.
 dashboard can draw the large-batch curve over it. --set overrides single fields; the
 value is read as YAML. The server checks the spec and names the field of any error.
 
+--sweep queues a batch-size sweep of the spec instead (one run per size and seed, plus
+the kn = ref_batch baseline per seed); --sweep auto queues the baseline only, and when it
+has finished the server queues powers of two from B/8 to 8B around its measured gradient
+noise scale B (the spec needs noise_every > 0).
+
 example:
   batchlab submit examples/specs/large_gradual.yaml --baseline --set epochs=5
   batchlab submit examples/specs/baseline.yaml --name "kn=32 seed 1" --set seed=1 --wait
+  batchlab submit examples/specs/large_gradual.yaml --sweep 256,1024,4096 --seeds 0,1
+  batchlab submit examples/specs/large_gradual.yaml --sweep auto
 """
 
     @staticmethod
@@ -124,6 +131,15 @@ example:
             "--baseline", action="store_true", help="also queue the kn = ref_batch baseline"
         )
         parser.add_argument("--name", help="run name shown in the dashboard")
+        parser.add_argument(
+            "--sweep",
+            type=_sweep_sizes,
+            metavar="KN,KN,...|auto",
+            help="queue a batch-size sweep instead: total batch sizes, or auto",
+        )
+        parser.add_argument(
+            "--seeds", type=_ints, metavar="S,S,...", help="seeds of the sweep (with --sweep)"
+        )
         parser.add_argument(
             "--set",
             dest="overrides",
@@ -148,7 +164,12 @@ example:
         except (OSError, ValueError) as exc:
             print(f"batchlab: {exc}", file=sys.stderr)
             return EXIT_ERROR
+        if args.seeds is not None and args.sweep is None:
+            print("batchlab: --seeds needs --sweep", file=sys.stderr)
+            return EXIT_ERROR
         client = _client(args)
+        if args.sweep is not None:
+            return _submit_sweep(client, spec, args)
         try:
             with client:
                 if args.baseline:
@@ -167,6 +188,42 @@ example:
                 return _wait_and_report(client, ids, timeout=None, poll=1.0, quiet=False)
         except APIError as exc:
             return _report_error(exc)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        msg = f"not a comma-separated list of integers: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def _sweep_sizes(text: str) -> list[int] | str:
+    return "auto" if text.strip() == "auto" else _ints(text)
+
+
+def _submit_sweep(client: Any, spec: Any, args: argparse.Namespace) -> int:
+    from batchlab.client import APIError
+
+    try:
+        with client:
+            out = client.sweep(spec, args.sweep, seeds=args.seeds, name=args.name)
+            group, created = out["sweep"], out["runs"]
+            if args.json:
+                print(json.dumps(out, indent=2))
+            else:
+                print(f"sweep {group['id']} {group['name']}  {client.url}/#/sweep/{group['id']}")
+                for r in created:
+                    label = "baseline " if r.get("is_baseline") else ""
+                    print(f"{label}{_describe(r)}  {_run_url(client.url, r['id'])}")
+                if group.get("auto_message"):
+                    print(group["auto_message"])
+            if not args.wait:
+                return EXIT_OK
+            ids = [r["id"] for r in created]
+            return _wait_and_report(client, ids, timeout=None, poll=1.0, quiet=False)
+    except APIError as exc:
+        return _report_error(exc)
 
 
 # --- ls ------------------------------------------------------------------------------------

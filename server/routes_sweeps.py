@@ -14,13 +14,16 @@ from server.schemas import (
     GroupOut,
     PlanOut,
     SummaryRow,
+    SweepAdvice,
     SweepCreate,
     SweepCreated,
     SweepDetail,
     runs_out,
 )
+from store import advice as store_advice
 from store import db
 from store import runs as store_runs
+from trainer import advice
 
 router = APIRouter(prefix="/api", tags=["sweeps"], route_class=TokenFirstRoute)
 
@@ -66,5 +69,33 @@ def get_sweep(sweep_id: SweepIdPath, ctx: CtxDep) -> Any:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"sweep {sweep_id} not found")
         sweep = GroupOut.model_validate(group)
         runs = runs_out(s, group.runs)
+        noise = store_advice.noise_inputs(s, [r.id for r in runs if r.is_baseline])
     rows = sorted(map(SummaryRow.of, runs), key=lambda r: (r.total_batch, r.seed, r.run_id))
-    return SweepDetail(sweep=sweep, runs=runs, baseline_id=sweep.baseline_id, summary=rows)
+    return SweepDetail(
+        sweep=sweep,
+        runs=runs,
+        baseline_id=sweep.baseline_id,
+        summary=rows,
+        advice=sweep_advice(noise, rows),
+    )
+
+
+def sweep_advice(
+    noise: tuple[dict[int, tuple[list[int], list[float]]], dict[int, int]],
+    rows: list[SummaryRow],
+) -> SweepAdvice | None:
+    """The critical batch from the baseline runs' noise_scale points (and how far each
+    trained) and the knee from the summary rows (the table's final_val_err), by
+    ``trainer.advice``'s rules."""
+    critical = advice.critical_batch(*noise)
+    knee = advice.knee(
+        advice.Outcome(r.total_batch, r.status, r.is_baseline, r.final_val_err) for r in rows
+    )
+    if critical is None and knee is None:
+        return None
+    return SweepAdvice.model_validate(
+        {
+            "critical_batch": None if critical is None else critical.to_dict(),
+            "knee": None if knee is None else knee.to_dict(),
+        }
+    )

@@ -51,6 +51,7 @@ def submit(ctx: Context, plan: Plan) -> tuple[GroupOut | None, list[RunOut]]:
                 spec=_dump(g.spec),
                 batch_sizes=g.batch_sizes,
                 seeds=g.seeds,
+                auto_state=store_runs.AUTO_WAITING if g.auto else None,
             ).id
         ids: list[int] = []
         for p in plan.runs:

@@ -36,7 +36,7 @@ RUN_FIELDS = {
     "group_id", "baseline_id", "is_baseline",
 }  # fmt: skip
 GROUP_FIELDS = {"id", "name", "kind", "created_at", "spec", "batch_sizes", "seeds",
-                "baseline_id", "run_ids"}  # fmt: skip
+                "baseline_id", "run_ids", "auto_state", "auto_message"}  # fmt: skip
 
 
 @pytest.fixture(params=BACKENDS)

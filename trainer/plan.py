@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from core.errors import format_validation_error
+from trainer import advice
 from trainer.spec import RunSpec
 
 # A sweep size that leaves more than this share of each epoch unused is worth a warning.
@@ -36,6 +37,9 @@ class PlannedGroup:
     spec: RunSpec
     batch_sizes: list[int] | None = None
     seeds: list[int] | None = None
+    # batch_sizes "auto": only the baselines now, the ladder once they finish
+    # (worker.auto_sweep through plan_ladder)
+    auto: bool = False
 
 
 @dataclass
@@ -150,3 +154,41 @@ def plan_sweep(
 
 def _with_seed(spec: RunSpec, seed: int) -> RunSpec:
     return spec if spec.seed == seed else spec.model_copy(update={"seed": seed})
+
+
+def plan_auto_sweep(
+    spec: RunSpec, *, seeds: Sequence[int] | None = None, name: str | None = None
+) -> Plan:
+    """``batch_sizes: "auto"``: the kn = ref_batch baseline per seed now; once they have
+    finished, ``plan_ladder`` places the other sizes around their measured noise scale."""
+    seeds = list(seeds) if seeds else [spec.seed]
+    base = spec.baseline()
+    runs = [
+        PlannedRun(_with_seed(base, seed), f"baseline {default_name(base)} seed={seed}", True)
+        for seed in seeds
+    ]
+    name = (name or "").strip() or f"sweep kn=auto {spec.model} {spec.warmup}"
+    top = f", at most {spec.train_size} (the training set)" if spec.train_size else ""
+    note = (
+        f"batch sizes auto: only the baseline (kn={base.total_batch}) is queued now; when it "
+        "has finished, one run per seed at each power of two from B/8 to 8B around its "
+        f"measured gradient noise scale B (median of noise_scale over its last half; at "
+        f"least {advice.LADDER_MIN_BATCH}{top}) is queued"
+    )
+    group = PlannedGroup(name, "sweep", spec, [base.total_batch], seeds, auto=True)
+    return Plan(runs, group, notes=[note])
+
+
+def plan_ladder(spec: RunSpec, b_simple: float, *, seeds: Sequence[int]) -> Plan:
+    """The runs an auto sweep adds around the critical batch ``b_simple``
+    (``trainer.advice.ladder``), without the baseline's kn, which has run already.
+    ``group.batch_sizes`` lists every size of the sweep (the baseline's too); sizes that
+    give an invalid spec are left out and listed in ``errors``."""
+    base_kn = spec.baseline().total_batch
+    sizes = advice.ladder(b_simple, base_kn, max_batch=spec.train_size)
+    extra = [kn for kn in sizes if kn != base_kn]
+    plan = plan_sweep(spec, extra, seeds=seeds, baseline=False)
+    refused = {e.total for e in plan.errors}
+    assert plan.group is not None
+    plan.group.batch_sizes = [kn for kn in sizes if kn not in refused]
+    return plan
