@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     import pandas as pd
     import plotly.graph_objects as go
 
+    from batchlab.tracking import TrackedRun
+
 # How long Client.wait rides out a server that does not answer (a restart) before failing.
 WAIT_UNREACHABLE_S = 60.0
 # Columns of Client.metrics, in this order, also when no point matched.
@@ -167,15 +169,21 @@ class Client:
     def sweep(
         self,
         spec: SpecLike,
-        batch_sizes: Sequence[int],
+        batch_sizes: Sequence[int] | Literal["auto"],
         seeds: Sequence[int] | None = None,
         baseline: bool = True,
         name: str | None = None,
     ) -> dict[str, Any]:
-        """Queue one run per total batch size (and seed): ``{"sweep": Group, "runs": [...]}``."""
+        """Queue one run per total batch size (and seed): ``{"sweep": Group, "runs": [...]}``.
+
+        ``batch_sizes="auto"`` queues the baseline only; when it has finished, the server
+        queues powers of two from B/8 to 8B around its measured gradient noise scale B
+        (``sweep_info(id)["sweep"]["auto_state"]`` / ``["auto_message"]`` say where it is,
+        ``["advice"]`` the critical batch and the knee)."""
+        sizes: list[int] | str = "auto" if batch_sizes == "auto" else [int(b) for b in batch_sizes]
         body: dict[str, Any] = {
             "spec": spec_to_dict(spec),
-            "batch_sizes": [int(b) for b in batch_sizes],
+            "batch_sizes": sizes,
             "baseline": bool(baseline),
         }
         if seeds is not None:
@@ -269,6 +277,15 @@ class Client:
         checkpoint, its ``parent_id`` the run."""
         return self._request("POST", f"/api/runs/{run_id(run)}/extend", json={"epochs": epochs})
 
+    def start_run(self, name: str, spec_or_params: Any = None, **options: Any) -> TrackedRun:
+        """Track a run trained here (a notebook loop, a cluster job): it registers on the
+        server, ``run.log(step, loss=...)`` streams points, ``run.finish()`` ends it; a
+        context manager too. ``spec_or_params``: a RunSpec (dict, object or YAML path) or
+        any parameters. Options and behaviour: ``batchlab.tracking.start_run``."""
+        from batchlab.tracking import start_run
+
+        return start_run(self, name, spec_or_params, **options)
+
     def cancel(self, run: RunRef) -> dict[str, Any]:
         """Cancel a run: a queued one at once, a running one at its next check (~1 s)."""
         return self._request("POST", f"/api/runs/{run_id(run)}/cancel")
@@ -345,9 +362,10 @@ class Client:
         keys: str | Sequence[str] | None,
         x: str,
         max_points: int | None,
+        trim: Mapping[str, Any] | None = None,
     ) -> dict[str, dict[str, dict[str, list]]]:
         ids = [run_id(runs)] if isinstance(runs, int | str | Mapping) else [run_id(r) for r in runs]
-        params: dict[str, Any] = {"runs": ",".join(map(str, ids)), "x": x}
+        params: dict[str, Any] = {"runs": ",".join(map(str, ids)), "x": x, **(trim or {})}
         if keys is not None:
             params["keys"] = keys if isinstance(keys, str) else ",".join(keys)
         if max_points is not None:
@@ -367,7 +385,8 @@ class Client:
         return self._request("GET", "/api/sweeps")
 
     def sweep_info(self, sweep_id: int) -> dict[str, Any]:
-        """``{"sweep": Group, "runs": [Run], "baseline_id", "summary": [Row]}``."""
+        """``{"sweep": Group, "runs": [Run], "baseline_id", "summary": [Row], "advice"}``
+        (``advice``: the predicted critical batch and the measured knee, docs/api.md)."""
         return self._request("GET", f"/api/sweeps/{int(sweep_id)}")
 
     def sweep_summary(self, sweep_id: int) -> pd.DataFrame:
@@ -409,7 +428,7 @@ class Client:
         ``runs``), else the first run flagged ``is_baseline``. ``smoothing`` in [0, 1)
         draws the debiased EMA over the faint raw curve.
         """
-        from batchlab.figure import BANDS, build_compare_figure
+        from batchlab.figure import BANDS, build_compare_figure, figure_spec
 
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
@@ -425,7 +444,15 @@ class Client:
             else next((r["id"] for r in info if r.get("is_baseline")), None)
         )
         api_x = "step" if x == "samples" else x
-        series = self._series(ids, [key] if key == "lr" else [key, "lr"], api_x, max_points)
+        # The dashboard's trimmed read (figure_spec.json "read"): the same points as it draws.
+        read = figure_spec()["read"]
+        trim = {
+            "columns": f"{api_x},value",
+            "digits": read["digits"],
+            "drop_flat": ",".join(k for k in read["drop_flat"] if k != key),
+        }
+        keys = [key] if key == "lr" else [key, "lr"]
+        series = self._series(ids, keys, api_x, max_points, trim)
         return build_compare_figure(
             info,
             series,

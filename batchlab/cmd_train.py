@@ -9,6 +9,12 @@ the run continues from it, unless --no-resume starts it over.
 ``python -m torch.distributed.run --standalone --nproc_per_node P``: every process runs
 the same command, rank 0 writes the files.
 
+``--server URL`` (alone: $BATCHLAB_URL; token --token or BATCHLAB_TOKEN) also tracks
+the run live on a batchlab server, as the dashboard shows any run: it registers, streams
+its points, device, progress and summary (only rank 0 under torchrun, as in a SLURM or
+Kubernetes job), and stops when cancelled there. Its points then go to the server, not
+to metrics.jsonl; --out is optional (a temporary folder: no resume).
+
 Exit codes: 0 succeeded, 1 diverged (or crashed), 2 invalid spec or arguments,
 130 cancelled (Ctrl-C: the run stops at its next poll, the last checkpoint is kept).
 
@@ -42,8 +48,22 @@ class UsageError(Exception):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="RunSpec file (YAML or JSON); see docs/runspec.md")
     parser.add_argument(
-        "--out", required=True, metavar="DIR", help="run folder (created if needed)"
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="run folder (created if needed); with --server optional (a temporary one)",
     )
+    parser.add_argument(
+        "--server",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="URL",
+        help="also track the run live on this batchlab server (alone: $BATCHLAB_URL); "
+        "under torchrun only rank 0 reports",
+    )
+    parser.add_argument("--token", default=None, help="the server's token (or BATCHLAB_TOKEN)")
+    parser.add_argument("--name", default=None, help="the run's name on the server")
     parser.add_argument(
         "--nproc",
         type=int,
@@ -74,6 +94,20 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.out is None and args.server is None:
+        print("error: --out DIR is required (or track the run with --server)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.out is None:
+        import tempfile
+
+        out = Path(tempfile.mkdtemp(prefix="batchlab-train-"))
+        args.out = str(out)
+        try:
+            return run(args)
+        finally:
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
     out = Path(args.out)
     if spec.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _launch_torchrun(spec, out, args)
@@ -143,9 +177,14 @@ def _launch_torchrun(spec: Any, out: Path, args: argparse.Namespace) -> int:
         argv.append("--no-resume")
     if args.no_progress:
         argv.append("--no-progress")
+    env = None
+    if args.server is not None:
+        argv += ["--server", args.server] + (["--name", args.name] if args.name else [])
+        if args.token:  # through the environment: argv is visible to every user
+            env = {**os.environ, "BATCHLAB_TOKEN": args.token}
     cmd = torchrun_command(spec.nproc, argv)
     print(f"launching {spec.nproc} processes: {' '.join(cmd)}", file=sys.stderr)
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=env)
 
 
 class _StopFlag:
@@ -179,7 +218,7 @@ class _StopFlag:
 def _train(spec: Any, out: Path, args: argparse.Namespace) -> int:
     from trainer import RunConfigError, fit
     from trainer.checkpoint import CHECKPOINT_NAME, check_compatible
-    from trainer.sink import JsonlSink, MetricSink, NullSink
+    from trainer.sink import JsonlSink, NullSink
 
     main = int(os.environ.get("RANK", "0")) == 0
     checkpoint = out / CHECKPOINT_NAME
@@ -198,8 +237,14 @@ def _train(spec: Any, out: Path, args: argparse.Namespace) -> int:
             # A fresh start replaces whatever an earlier run left in the folder.
             for name in ("metrics.jsonl", "summary.json", CHECKPOINT_NAME):
                 (out / name).unlink(missing_ok=True)
-    sink: MetricSink = JsonlSink(out / "metrics.jsonl") if main else NullSink()
     stop = _StopFlag()
+    tracked, should_stop = None, stop
+    if main and args.server is not None:  # rank 0 only: the others train with a NullSink
+        from batchlab.tracking import start_tracking
+
+        tracked, sink, should_stop = start_tracking(args, spec, stop)
+    else:
+        sink = JsonlSink(out / "metrics.jsonl") if main else NullSink()
     stop.install()
     try:
         result = fit(
@@ -207,18 +252,28 @@ def _train(spec: Any, out: Path, args: argparse.Namespace) -> int:
             sink,
             run_dir=out,
             resume=resume,
-            should_stop=stop,
+            should_stop=should_stop,
             progress=main and not args.no_progress,
         )
-    except RunConfigError as exc:
-        raise UsageError(str(exc)) from exc
+    except BaseException as exc:
+        if tracked is not None:
+            tracked.__exit__(type(exc), exc, None)  # failed (cancelled on Ctrl-C), with why
+        if isinstance(exc, RunConfigError):
+            raise UsageError(str(exc)) from exc
+        raise
     finally:
         stop.restore()
     if not main:
         return _exit_code(result.status)
     record = result.to_dict()
     (out / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(format_summary(spec, record, out))
+    text = format_summary(spec, record, out)
+    print(text if tracked is None else text.rsplit("\n", 1)[0])  # no local files to name
+    if tracked is not None:
+        from batchlab.tracking import finish_tracking
+
+        if not finish_tracking(tracked, record):  # says why on stderr
+            return EXIT_DIVERGED
     return _exit_code(result.status)
 
 

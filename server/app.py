@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from core.settings import get_settings, split_hosts
 from server import (
     middleware,
+    routes_external,
     routes_logs,
     routes_manage,
     routes_meta,
@@ -114,7 +115,15 @@ def create_app(
     # Outside gzip: unknown Hosts, cross-site writes and oversized bodies are refused
     # before any route or body parsing runs (server.middleware).
     middleware.install(app, hosts=settings.allowed_hosts, max_body_bytes=settings.max_body_bytes)
-    routers = (routes_runs, routes_manage, routes_logs, sse, routes_sweeps, routes_meta)
+    routers = (
+        routes_runs,
+        routes_manage,
+        routes_logs,
+        sse,
+        routes_sweeps,
+        routes_meta,
+        routes_external,
+    )
     for router in (r.router for r in routers):
         app.include_router(router)
     add_error_handlers(app)
@@ -166,7 +175,7 @@ def _build_missing_overviews(ctx: Context) -> None:
 async def _maintenance(ctx: Context) -> None:
     """Every REAP_INTERVAL_S: finish migrating if needed, reap stale runs, re-send queued
     runs whose message was lost."""
-    from worker.recovery import reap_stale, reconcile_queued
+    from worker.recovery import reap_external, reap_stale, reconcile_queued
 
     while True:
         if not ctx.migrated:
@@ -177,6 +186,10 @@ async def _maintenance(ctx: Context) -> None:
                 requeued = await run_in_threadpool(reap_stale, ctx.engine, enqueue=ctx.enqueue)
                 if requeued:
                     log.warning("re-queued or failed stale runs %s", requeued)
+                # External runs whose client went silent: failed, never re-queued.
+                await run_in_threadpool(
+                    reap_external, ctx.engine, older_than_s=ctx.settings.external_silent_s
+                )
                 # Queued runs whose message the broker lost are sent again.
                 await run_in_threadpool(
                     reconcile_queued,

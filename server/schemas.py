@@ -19,19 +19,24 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictFloat,
+    StrictInt,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
     computed_field,
     field_validator,
 )
 from sqlalchemy.orm import Session
 
 from core.jsonsafe import finite_or_none, json_safe
-from core.status import RunStatus
+from core.status import FINAL_STATUSES, RunStatus
 from store import runs as store_runs
 from store.models import Run
 from store.runs import iso
-from trainer.plan import Plan, plan_run, plan_sweep
+from trainer import advice
+from trainer.plan import Plan, plan_auto_sweep, plan_run, plan_sweep
 from trainer.spec import MAX_SEED, PlainText, RunSpec
 from worker.celery_app import WORKER_STALE_S, has_gpu_queue, queue_for, waiting_reason
 
@@ -63,23 +68,57 @@ class RunCreate(_Body):
         return plan_run(self.spec, name=self.name, baseline=self.baseline)
 
 
+AUTO = "auto"
+_MAX_SIZES = 64
+# batch_sizes is a list or the string "auto". Validated as the list (a wrap validator lets
+# "auto" through first), so a bad size's error is at ["body", "batch_sizes", i] and not
+# under a union member's tag; the OpenAPI document shows both forms.
+_SIZES_SCHEMA = {
+    "anyOf": [
+        {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 1},
+            "minItems": 1,
+            "maxItems": _MAX_SIZES,
+        },
+        {"type": "string", "enum": [AUTO]},
+    ],
+    "title": "Batch Sizes",
+    "description": 'Total minibatch sizes kn to run, or "auto": the baseline first, then '
+    "powers of two from B/8 to 8B around its measured gradient noise scale B.",
+}
+
+
 class SweepCreate(_Body):
     """POST /api/sweeps: one run per (batch size, seed), plus the baseline."""
 
     name: PlainText | None = Field(None, max_length=200)
     spec: RunSpec
-    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
-        ..., min_length=1, max_length=64, description="Total minibatch sizes kn to run."
+    batch_sizes: Annotated[list[Annotated[int, Field(ge=1)]], WithJsonSchema(_SIZES_SCHEMA)] = (
+        Field(..., min_length=1, max_length=_MAX_SIZES)
     )
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(
         None, min_length=1, max_length=32, description="Default: [spec.seed]."
     )
     baseline: bool = Field(True, description="Add kn = ref_batch when it is not in the list.")
 
+    @field_validator("batch_sizes", mode="wrap")
+    @classmethod
+    def _auto(cls, v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        if v != AUTO:
+            return handler(v)
+        spec = info.data.get("spec")
+        if spec is not None and spec.noise_every == 0:
+            raise ValueError(
+                '"auto" places the sizes around the baseline\'s measured noise scale: '
+                "it needs spec.noise_every > 0"
+            )
+        return AUTO
+
     @field_validator("batch_sizes", "seeds")
     @classmethod
-    def _unique(cls, v: list[int] | None, info: ValidationInfo) -> list[int] | None:
-        dups = sorted({x for x in v or [] if v.count(x) > 1})
+    def _unique(cls, v: list[int] | str | None, info: ValidationInfo) -> list[int] | str | None:
+        dups = sorted({x for x in v or [] if v.count(x) > 1}) if isinstance(v, list) else []
         if dups:
             raise ValueError(f"{str(info.field_name).replace('_', ' ')} repeat: {dups}")
         return v
@@ -88,14 +127,29 @@ class SweepCreate(_Body):
     @classmethod
     def _few_enough(cls, v: list[int] | None, info: ValidationInfo) -> list[int] | None:
         sizes = info.data.get("batch_sizes")
-        if v and sizes and len(sizes) * len(v) > MAX_SWEEP_RUNS:
+        # "auto": the baseline and at most 7 ladder sizes per seed, within the bound
+        count = 1 + 2 * advice.LADDER_SPAN + 1 if sizes == AUTO else len(sizes or [])
+        if v and count * len(v) > MAX_SWEEP_RUNS:
             raise ValueError(
-                f"{len(sizes)} batch sizes x {len(v)} seeds = {len(sizes) * len(v)} runs, "
+                f"{count} batch sizes x {len(v)} seeds = {count * len(v)} runs, "
                 f"more than the {MAX_SWEEP_RUNS} one sweep may queue"
             )
         return v
 
+    @field_validator("baseline")
+    @classmethod
+    def _auto_needs_baseline(cls, v: bool, info: ValidationInfo) -> bool:
+        if not v and info.data.get("batch_sizes") == AUTO:
+            raise ValueError('batch_sizes "auto" is planned around the baseline: keep it')
+        return v
+
+    @property
+    def auto(self) -> bool:
+        return self.batch_sizes == AUTO
+
     def plan(self) -> Plan:
+        if self.auto:
+            return plan_auto_sweep(self.spec, seeds=self.seeds, name=self.name)
         return plan_sweep(
             self.spec, self.batch_sizes, seeds=self.seeds, baseline=self.baseline, name=self.name
         )
@@ -148,6 +202,11 @@ class RunOut(_Out):
     notes: Annotated[str, BeforeValidator(lambda v: v or "")] = ""
     archived: bool = False
     parent_id: int | None = Field(None, description="The run this one extends.")
+    origin: Literal["worker", "external"] = Field(
+        "worker",
+        description="worker: queued and trained by a batchlab worker; external: registered "
+        "by its own client (batchlab train --server, Client.start_run).",
+    )
 
     @computed_field
     @property
@@ -240,6 +299,12 @@ class GroupOut(_Out):
     spec: JsonDict | None = None
     batch_sizes: list[int] | None = None
     seeds: list[int] | None = None
+    auto_state: store_runs.AutoState | None = Field(
+        None,
+        description='A sweep of batch_sizes "auto": waiting for the baseline\'s noise scale, '
+        "then ladder_queued or no_ladder (nothing queued); null for other groups.",
+    )
+    auto_message: str | None = Field(None, description="What the auto sweep did or waits for.")
     runs: list[_RunRef] = Field([], exclude=True)
 
     @computed_field
@@ -302,11 +367,42 @@ class SummaryRow(_Out):
         )
 
 
+class CriticalBatchOut(BaseModel):
+    """The baseline runs' gradient noise scale B_simple over the last half of training."""
+
+    median: float
+    q25: float
+    q75: float
+    points: int = Field(description="Measurements pooled over the baseline's seeds.")
+    run_ids: list[int] = Field(description="The baseline runs they come from.")
+
+
+class KneeOut(BaseModel):
+    """The smallest kn whose final error is past the baseline's (``rule`` says how)."""
+
+    batch_size: int | None = Field(description="null: no finished kn is past it (yet).")
+    baseline_mean: float
+    baseline_std: float
+    threshold: float
+    metric: Literal["val_err"] = "val_err"
+    rule: str
+
+
+class SweepAdvice(BaseModel):
+    """``trainer.advice`` on a sweep: each part null until it can be computed."""
+
+    critical_batch: CriticalBatchOut | None = None
+    knee: KneeOut | None = None
+
+
 class SweepDetail(_Out):
     sweep: GroupOut
     runs: list[RunOut]
     baseline_id: int | None
     summary: list[SummaryRow]
+    advice: SweepAdvice | None = Field(
+        None, description="null until the critical batch or the knee can be computed."
+    )
 
 
 class PlannedRunOut(_Out):
@@ -381,6 +477,11 @@ class RunMetrics(BaseModel):
     series: dict[str, Series]
 
 
+class RunKeys(BaseModel):
+    run_id: int
+    keys: list[str] = Field(description="The run's distinct metric keys, sorted.")
+
+
 class BatchMetrics(BaseModel):
     runs: dict[str, dict[str, Series]]
     missing: list[int] = Field([], description="Requested run ids that do not exist.")
@@ -429,3 +530,111 @@ class HealthOut(BaseModel):
     reconcile: dict[str, Any] | None = Field(
         None, description="The API's last pass over queued runs against the broker's messages."
     )
+
+
+# --- externally launched runs (server/routes_external.py; store.runs owns the rules) ----
+_UID = r"^[0-9a-f]{32}$"
+# Checked once per distinct key of an upload (server.routes_external.to_rows), not per
+# point: the schema documents the rule.
+MetricKey = Annotated[
+    str, WithJsonSchema({"type": "string", "pattern": r"^[A-Za-z0-9_.:/-]{1,64}$"})
+]
+# [step, epoch, wall_time, {key: value}]: value null is NaN (JSON has none); NaN and
+# Infinity literals are accepted too.
+PointRecord = tuple[
+    Annotated[StrictInt, Field(ge=0, le=2**63 - 1)],
+    Annotated[StrictFloat, Field(allow_inf_nan=False)],
+    Annotated[StrictFloat, Field(allow_inf_nan=False)],
+    Annotated[dict[MetricKey, StrictFloat | None], Field(max_length=256)],
+]
+
+
+class ExternalRunCreate(_Body):
+    """POST /api/external/runs: a run trained by its own client, running from the start."""
+
+    uid: str | None = Field(
+        None,
+        pattern=_UID,
+        description="The client's id for the run (uuid4 hex): registering it again answers "
+        "the same run, so a retried request never makes two.",
+    )
+    name: PlainText = Field("external run", min_length=1, max_length=200)
+    spec: RunSpec | None = Field(None, description="A RunSpec: the run pairs and compares as any.")
+    params: dict[str, Any] | None = Field(
+        None, description="Free-form parameters, for a run that is not a RunSpec."
+    )
+    tags: Tags = []
+    host: PlainText = Field("", max_length=200)
+    device: PlainText | None = Field(None, max_length=300)
+    group_id: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
+    baseline_id: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
+    is_baseline: bool = False
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if v is not None and info.data.get("spec") is not None:
+            raise ValueError("give spec or params, not both")
+        return json_safe(v) if v is not None else None
+
+    def stored_spec(self) -> dict[str, Any]:
+        if self.spec is not None:
+            return self.spec.model_dump(mode="json")
+        return dict(self.params or {})
+
+
+class ExternalRunRegistered(BaseModel):
+    run: RunOut
+    created: bool = Field(description="False: this uid was registered before.")
+    max_body_bytes: int = Field(description="The largest points upload (after gzip) taken.")
+    heartbeat_s: float = Field(description="How often the client should call .../heartbeat.")
+    silent_after_s: float = Field(description="Silent this long, the run is failed.")
+
+
+class PointsUpload(_Body):
+    """POST /api/external/runs/{id}/points: body JSON, optionally gzip-compressed."""
+
+    records: list[PointRecord] = Field(
+        ...,
+        description="[step, epoch, wall_time, {key: value}] each; a (key, step) sent again "
+        "is stored once (the last value wins).",
+    )
+
+
+class PointsStored(BaseModel):
+    points: int = Field(description="Points of this upload, now committed.")
+
+
+class ExternalBeat(_Body):
+    """POST /api/external/runs/{id}/heartbeat: all fields optional."""
+
+    progress: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    eta_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    device: PlainText | None = Field(None, max_length=300)
+
+
+class ExternalBeatOut(BaseModel):
+    status: RunStatus
+    cancel_requested: bool
+    stop: bool = Field(description="Stop training: cancel requested, or the run is final.")
+
+
+class ExternalFinish(_Body):
+    """POST /api/external/runs/{id}/finish."""
+
+    status: RunStatus = Field(description="A final status: succeeded, failed, cancelled, diverged.")
+    summary: dict[str, Any] | None = None
+    error: PlainText | None = Field(None, max_length=10_000)
+    diverged_step: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+
+    @field_validator("status")
+    @classmethod
+    def _final(cls, value: RunStatus) -> RunStatus:
+        if value not in FINAL_STATUSES:
+            raise ValueError(f"must be a final status ({', '.join(sorted(FINAL_STATUSES))})")
+        return value
+
+
+class ExternalFinished(BaseModel):
+    run: RunOut
+    applied: bool = Field(description="False: the run was final already (see run.status).")

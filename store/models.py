@@ -81,6 +81,10 @@ class Group(Base):
     batch_sizes: Mapped[list[Any] | None] = mapped_column()
     seeds: Mapped[list[Any] | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A sweep of batch_sizes "auto" (migration 0008): "waiting" for its baseline, then
+    # "queued" (the ladder) or "failed" (why in auto_message), once (store.runs.settle_auto).
+    auto_state: Mapped[str | None] = mapped_column(sa.String(16))
+    auto_message: Mapped[str | None] = mapped_column(sa.Text)
 
     # selectin: server.schemas.GroupOut reads a group whose session is closed.
     runs: Mapped[list[Run]] = relationship(
@@ -141,6 +145,10 @@ class Run(Base):
     # The run this one extends ("train N more epochs" from its checkpoint). No foreign key,
     # as for metric points: delete_run clears it.
     parent_id: Mapped[int | None] = mapped_column(BigId, index=True)
+    # "worker" (queued, trained by a batchlab worker) or "external" (registered by its own
+    # client: batchlab train --server, Client.start_run; migration 0009). The reaper
+    # never re-queues an external run: it has no broker message.
+    origin: Mapped[str] = mapped_column(sa.String(16), default="worker", server_default="worker")
 
     group: Mapped[Group | None] = relationship(back_populates="runs", lazy="raise")
 

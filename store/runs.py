@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -550,7 +550,167 @@ def undo_requeue(s: Session, run_id: int, *, heartbeat_at: datetime | None) -> b
 
 
 # ---------------------------------------------------------------------------------------
+# External runs: launched by their own client (a scheduler's job, a notebook), not queued
+#
+#   (register)              running   (origin external: no broker message, never re-queued)
+#   running, silent --reap_external-->  failed "lost contact with the client ..."
+#   failed (lost contact) --external_beat-->  running  (the client was only cut off)
+#   running | failed (lost contact) --finish_external-->  succeeded | failed | cancelled | ...
+
+ORIGIN_WORKER, ORIGIN_EXTERNAL = "worker", "external"
+LOST_CONTACT = "lost contact with the client"
+EXTERNAL_WORKER = "external"  # Run.worker of an external run: what the workers view shows
+
+
+def _lost_contact() -> Any:
+    """Failed by reap_external (and nothing else): the client may still come back."""
+    return sa.and_(
+        Run.status == RunStatus.FAILED,
+        Run.origin == ORIGIN_EXTERNAL,
+        Run.error.like(LOST_CONTACT + "%"),
+    )
+
+
+def register_external(
+    s: Session,
+    *,
+    uid: str,
+    name: str,
+    spec: Mapping[str, Any],
+    host: str = "",
+    device: str | None = None,
+    tags: Sequence[str] = (),
+    group_id: int | None = None,
+    baseline_id: int | None = None,
+    is_baseline: bool = False,
+) -> tuple[Run, bool]:
+    """A run its own client trains: running from the start, ``origin`` external; (run,
+    created). Registering the same ``uid`` again (a retried request whose answer was lost)
+    answers the run already made, so a client never creates two runs."""
+    if not isinstance(uid, str) or len(uid) != 32 or any(c not in "0123456789abcdef" for c in uid):
+        raise ValueError("uid: must be 32 lowercase hex digits (uuid4().hex)")
+    found = s.scalar(sa.select(Run).where(Run.uid == uid))
+    if found is not None:
+        if found.origin != ORIGIN_EXTERNAL:
+            raise ValueError(f"uid: names run {found.id}, which is not an external run")
+        return found, False
+    run = create_run(
+        s,
+        name=name,
+        spec=spec,
+        group_id=group_id,
+        baseline_id=baseline_id,
+        is_baseline=is_baseline,
+    )
+    run.uid, run.origin, run.tags = uid, ORIGIN_EXTERNAL, clean_tags(list(tags))
+    if device:
+        run.device = device[:DEVICE_MAX_LEN]
+    s.flush()
+    # queued -> running in the same transaction: nobody ever sees it queued.
+    _transition(s, run.id, [RunStatus.QUEUED], status=RunStatus.RUNNING)
+    run = _start_attempt(s, run.id, host=host, gpus="", worker=EXTERNAL_WORKER, task_id=None)
+    return run, True
+
+
+def _external(run_id: int) -> Any:
+    return sa.and_(Run.id == run_id, Run.origin == ORIGIN_EXTERNAL)
+
+
+def external_beat(
+    s: Session,
+    run_id: int,
+    *,
+    progress: float | None = None,
+    eta_s: float | None = None,
+    device: str | None = None,
+) -> Run:
+    """An external run's client is alive: heartbeat (with progress, ETA, device when
+    given). A run failed for lost contact is running again (its client was only cut
+    off, e.g. by an API restart longer than the bound). RunNotFound when the id names no
+    external run; a final run is left as it is (the answer tells the client its status)."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if progress is not None:
+        if not isinstance(progress, int | float) or not math.isfinite(progress):
+            raise ValueError(f"progress: must be a number in [0, 1], got {progress!r}")
+        values["progress"] = min(1.0, max(0.0, float(progress)))
+    if eta_s is not None:
+        values["eta_s"] = float(eta_s) if math.isfinite(eta_s) else None
+    if device:
+        values["device"] = device[:DEVICE_MAX_LEN]
+    if not _transition(s, run_id, [RunStatus.RUNNING], _external(run_id), **values):
+        revived = {"status": RunStatus.RUNNING, "finished_at": None, "error": None}
+        _transition(
+            s, run_id, [RunStatus.FAILED], _external(run_id), _lost_contact(), **values, **revived
+        )
+    run = s.get(Run, run_id)
+    if run is None or run.origin != ORIGIN_EXTERNAL:
+        raise RunNotFound(f"run {run_id} not found (or not an external run)")
+    return run
+
+
+def finish_external(
+    s: Session,
+    run_id: int,
+    status: str,
+    *,
+    error: str | None = None,
+    summary: Mapping[str, Any] | None = None,
+    diverged_step: int | None = None,
+) -> bool:
+    """running (or failed for lost contact: the client's word wins) -> a final status, as
+    its client reports it; False when the run is already final otherwise (finished
+    before, cancelled, deleted)."""
+    if status not in FINAL_STATUSES:
+        raise ValueError(f"status: {status!r} is not one of {', '.join(sorted(FINAL_STATUSES))}")
+    values: dict[str, Any] = {
+        "status": status,
+        "finished_at": utcnow(),
+        "error": error,
+        "diverged_step": diverged_step,
+        "eta_s": None,
+    }
+    if summary is not None:
+        values["summary"] = json_safe(dict(summary))
+    if status == RunStatus.SUCCEEDED:
+        values["progress"] = 1.0
+    if _transition(s, run_id, [RunStatus.RUNNING], _external(run_id), **values):
+        return True
+    return _transition(s, run_id, [RunStatus.FAILED], _external(run_id), _lost_contact(), **values)
+
+
+def stale_external_runs(
+    s: Session, older_than_s: float, *, now: datetime | None = None
+) -> list[Run]:
+    """External runs whose client has been silent for ``older_than_s`` at ``now``."""
+    q = sa.select(Run).where(_silent(older_than_s, now), Run.origin == ORIGIN_EXTERNAL)
+    return list(s.scalars(q.order_by(Run.id)))
+
+
+def reap_external(
+    s: Session, run_id: int, older_than_s: float, *, now: datetime | None = None
+) -> bool:
+    """running, external and still silent for ``older_than_s`` -> failed "lost contact
+    with the client ..." (never queued: there is no message to re-send, and the client's
+    own process holds the training). False if its client spoke up meanwhile."""
+    error = f"{LOST_CONTACT}: no heartbeat for over {older_than_s:g} s"
+    values = {"status": RunStatus.FAILED, "finished_at": utcnow(), "error": error, "eta_s": None}
+    return _transition(
+        s, run_id, [RunStatus.RUNNING], _external(run_id), _silent(older_than_s, now), **values
+    )
+
+
+# ---------------------------------------------------------------------------------------
 # Groups
+
+
+# An auto sweep's states (Group.auto_state): waiting for its baseline, then settled once.
+# (Not run statuses: a sweep's ladder is queued or not planned at all.)
+AUTO_WAITING, AUTO_QUEUED, AUTO_FAILED = "waiting", "ladder_queued", "no_ladder"
+AutoState = Literal["waiting", "ladder_queued", "no_ladder"]
+AUTO_WAITING_MESSAGE = (
+    "waiting for the baseline's noise scale: the ladder of batch sizes is queued when the "
+    "baseline has finished"
+)
 
 
 def create_group(
@@ -561,6 +721,8 @@ def create_group(
     spec: Mapping[str, Any] | None = None,
     batch_sizes: Iterable[int] | None = None,
     seeds: Iterable[int] | None = None,
+    auto_state: str | None = None,
+    auto_message: str | None = None,
 ) -> Group:
     if kind not in GROUP_KINDS:
         raise ValueError(f"kind: {kind!r} is not one of {GROUP_KINDS}")
@@ -573,6 +735,8 @@ def create_group(
         batch_sizes=list(batch_sizes) if batch_sizes is not None else None,
         seeds=list(seeds) if seeds is not None else None,
         created_at=utcnow(),
+        auto_state=auto_state,
+        auto_message=auto_message or (AUTO_WAITING_MESSAGE if auto_state == AUTO_WAITING else None),
         runs=[],
     )
     s.add(group)
@@ -582,6 +746,37 @@ def create_group(
 
 def get_group(s: Session, group_id: int) -> Group | None:
     return s.get(Group, group_id)
+
+
+def settle_auto(
+    s: Session,
+    group_id: int,
+    state: str,
+    *,
+    message: str,
+    batch_sizes: Iterable[int] | None = None,
+) -> bool:
+    """waiting -> queued | failed, as one conditional UPDATE: of two processes settling
+    one sweep (the worker that finished its baseline, the API's reconciler) exactly one
+    gets True, and only it may create the ladder's runs, in the same transaction."""
+    if state not in (AUTO_QUEUED, AUTO_FAILED):
+        raise ValueError(f"state: {state!r} is not one of {AUTO_QUEUED!r}, {AUTO_FAILED!r}")
+    values: dict[str, Any] = {"auto_state": state, "auto_message": message}
+    if batch_sizes is not None:
+        values["batch_sizes"] = list(batch_sizes)
+    result = s.execute(
+        sa.update(Group)
+        .where(Group.id == group_id, Group.auto_state == AUTO_WAITING)
+        .values(**values)
+        .execution_options(synchronize_session="fetch")
+    )
+    return result.rowcount == 1
+
+
+def waiting_auto_groups(s: Session) -> list[int]:
+    """Auto sweeps still waiting for their baseline, oldest first."""
+    q = sa.select(Group.id).where(Group.auto_state == AUTO_WAITING).order_by(Group.id)
+    return list(s.scalars(q))
 
 
 def list_groups(s: Session) -> list[Group]:

@@ -72,6 +72,8 @@ def reap_stale(
         stale = [
             (r.id, r.attempts or 0, r.worker, r.host, r.heartbeat_at)
             for r in runs.stale_runs(s, older_than_s, now=now)
+            # An external run has no broker message to re-send: reap_external's.
+            if r.origin != runs.ORIGIN_EXTERNAL
         ]
     reaped: list[int] = []
     for run_id, attempts, worker, host, last_beat in stale:
@@ -147,6 +149,28 @@ def _publish(
         return False
 
 
+def reap_external(
+    engine: Engine, *, older_than_s: float | None = None, now: datetime | None = None
+) -> list[int]:
+    """Fail the external runs whose client has been silent for ``older_than_s`` (default
+    ``Settings.external_silent_s``): "lost contact with the client". Never re-queued: the
+    training lives in the client's process (a scheduler's job, a notebook), and no broker
+    message exists. A client that calls again revives the run (``runs.external_beat``).
+    The ids it failed."""
+    older_than_s = get_settings().external_silent_s if older_than_s is None else older_than_s
+    if older_than_s <= 0:
+        raise ValueError(f"older_than_s: must be > 0, got {older_than_s}")
+    with db.session(engine) as s:
+        stale = [(r.id, r.host) for r in runs.stale_external_runs(s, older_than_s, now=now)]
+    failed = []
+    for run_id, host in stale:
+        with db.session(engine) as s:
+            if runs.reap_external(s, run_id, older_than_s, now=now):
+                failed.append(run_id)
+                log.warning("run %s: its client on %s went silent; failed", run_id, host or "?")
+    return failed
+
+
 # ---------------------------------------------------------------------------------------
 # Queued runs whose message was lost
 
@@ -216,6 +240,11 @@ def reconcile_queued(
     if after_s <= 0:
         raise ValueError(f"after_s: must be > 0, got {after_s}")
     now = now or datetime.now(UTC)
+    # Auto sweeps whose baseline ended with no worker to advance them (cancelled while
+    # queued, failed by the reaper, a worker lost after mark_finished): queue their ladder.
+    from worker import auto_sweep
+
+    auto_sweep.advance_waiting(engine, enqueue=enqueue, celery_app=celery_app)
     with db.session(engine) as s:
         queued = s.execute(
             sa.select(Run.id, Run.queue, Run.created_at).where(Run.status == RunStatus.QUEUED)

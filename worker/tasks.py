@@ -37,11 +37,12 @@ from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 
 from core.errors import format_validation_error
+from core.settings import get_settings, training_threads
 from core.status import FINAL_STATUSES, RunStatus
 from store import db, metrics, runs
 from store.runs import run_dir
 from trainer.spec import RunSpec
-from worker import registry
+from worker import auto_sweep, registry
 from worker.celery_app import TASK_NAME, app
 from worker.launch import die_with_parent
 from worker.runlog import RunLogWriter, capture, pump
@@ -175,6 +176,8 @@ def execute(engine: Engine, run_id: int, *, worker: str, task_id: str | None = N
         return "lost"
     outcome = _store_spooled(engine, run_id, directory, outcome)
     _finish(engine, run_id, claim.attempt, outcome, directory)
+    # A baseline of an "auto" sweep: queue its ladder now (the reconciler is the backstop).
+    auto_sweep.after_run(engine, run_id)
     return outcome.status
 
 
@@ -290,6 +293,7 @@ def _train_inline(
         with capture(runlog):
             import trainer  # torch: only here, in the process that trains
 
+            _set_training_threads()
             result = trainer.fit(
                 claim.spec,
                 sink,
@@ -303,6 +307,17 @@ def _train_inline(
     if sink.monitor.lost:
         return None
     return _outcome(result)
+
+
+def _set_training_threads() -> None:
+    """Leave a core to the sink, the API and readers (``core.settings.training_threads``)."""
+    import torch
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = training_threads(get_settings().torch_threads, usable or 1)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        log.info("training on %d CPU thread(s) of %d usable", threads, usable)
 
 
 def _release_gpu_memory() -> None:
