@@ -135,6 +135,8 @@ export const api = {
   createRun: (body) => request('POST', '/api/runs', body),
   cancelRun: (id) => request('POST', `/api/runs/${id}/cancel`, {}),
   deleteRun: (id) => request('DELETE', `/api/runs/${id}`),
+  // The run's metric keys, e.g. prefix 'health/' (GET /api/runs/ID/keys).
+  runKeys: (id, prefix, opts) => request('GET', `/api/runs/${id}/keys${qs({ prefix })}`, undefined, opts),
   runMetrics: (id, params, opts) =>
     request('GET', `/api/runs/${id}/metrics${qs(params)}`, undefined, opts),
   metrics: (params, opts) => request('GET', `/api/metrics${qs(params)}`, undefined, opts),

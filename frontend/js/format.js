@@ -49,7 +49,10 @@ export function where(run) {
   return `${run.host} / ${run.gpus ? `gpu ${run.gpus}` : 'cpu'}`;
 }
 
-/** total batch and peak LR of a run, from `derived` or computed from the spec. */
+/**
+ * total batch, peak LR, samples per logged step (`perStep`: kn/m with backward_splits m)
+ * of a run, from `derived` or computed from the spec.
+ */
 export function derivedOf(run) {
   const spec = run.spec || {};
   const d = run.derived || {};
@@ -64,7 +67,8 @@ export function derivedOf(run) {
           ? spec.base_lr * Math.sqrt(ratio)
           : spec.base_lr * ratio;
   }
-  return { kn, peak, ipe: d.iters_per_epoch, total: d.total_iters };
+  const perStep = d.update_batch ?? kn / (spec.backward_splits ?? 1);
+  return { kn, peak, perStep, ipe: d.iters_per_epoch, total: d.total_iters };
 }
 
 /** The paper's legend: "kn=8k, η=3.2, gradual". */

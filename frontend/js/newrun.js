@@ -48,6 +48,7 @@ const CAUSES = {
   batch_per_worker: ['workers', 'dataset', 'dataset_size'],
   nproc: ['workers'],
   micro_batch: ['batch_per_worker'],
+  backward_splits: ['workers', 'batch_per_worker', 'nproc', 'micro_batch'],
   warmup_epochs: ['epochs', 'warmup'],
   milestones: ['epochs', 'decay'],
   nesterov: ['momentum'],
@@ -112,6 +113,19 @@ export async function mount(root, route) {
     placeholder: '32, 64, 128, ..., 4096',
   });
   const sizesEcho = h('small', { class: 'muted' });
+  // "auto" (POST /api/sweeps): a geometric ladder around the baseline's measured noise
+  // scale, planned once the baseline has finished. The box and the literal text agree.
+  let typedSizes = '';
+  const autoBox = h('input', { type: 'checkbox', name: 'auto_sizes', onchange: () => {
+    if (autoBox.checked) {
+      typedSizes = sizesAuto() ? typedSizes : sizesInput.value;
+      sizesInput.value = 'auto';
+      baselineBox.checked = true; // the ladder is read off the baseline's noise scale
+    } else {
+      sizesInput.value = typedSizes || '32, 64, 128, ..., 2048';
+    }
+    sizesInput.readOnly = autoBox.checked;
+  } });
   const seedsInput = h('input', { type: 'text', name: 'seeds', value: '0', placeholder: '0, 1, 2' });
   const modeSingle = h('input', { type: 'radio', name: 'mode', value: 'single', checked: true });
   const modeSweep = h('input', {
@@ -186,7 +200,9 @@ export async function mount(root, route) {
     'fieldset',
     { class: 'group sweep-only' },
     h('legend', null, 'Sweep'),
-    slot('batch_sizes', 'total batch sizes k·n', sizesInput, 'Comma-separated; "..." continues the ratio'),
+    slot('batch_sizes', 'total batch sizes k·n', sizesInput, 'Comma-separated; "..." continues the ratio; "auto" from the noise scale'),
+    h('label', { class: 'switch', title: 'The sizes follow the baseline’s measured gradient noise scale (needs noise_every > 0)' },
+      autoBox, ' auto: around the baseline’s noise scale'),
     sizesEcho,
     slot('seeds', 'seeds', seedsInput, 'One run per batch size and seed'),
   );
@@ -269,6 +285,10 @@ export async function mount(root, route) {
 
   function isSweep() {
     return modeSweep.checked;
+  }
+
+  function sizesAuto() {
+    return sizesInput.value.trim().toLowerCase() === 'auto';
   }
 
   function saveQuery(spec) {
@@ -370,7 +390,15 @@ export async function mount(root, route) {
     saveQuery(spec);
     if (isSweep()) {
       const sizes = parseBatchSizes(sizesInput.value);
-      setText(sizesEcho, sizes.length ? `${sizes.length} sizes: ${sizes.map((s) => (typeof s === 'number' ? formatKn(s) : s)).join(', ')}` : '');
+      // Typing "auto" ticks the box (the box's own click fires `input` before its change).
+      if (ev?.target === sizesInput || !ev) autoBox.checked = sizesAuto();
+      sizesInput.readOnly = autoBox.checked;
+      if (sizesAuto()) {
+        const every = spec.noise_every;
+        setText(sizesEcho, `auto: a geometric ladder around the baseline’s measured noise scale, planned when the baseline finishes${every === 0 ? ' — needs noise_every > 0' : ''}.`);
+      } else {
+        setText(sizesEcho, sizes.length ? `${sizes.length} sizes: ${sizes.map((s) => (typeof s === 'number' ? formatKn(s) : s)).join(', ')}` : '');
+      }
     }
     clearTimeout(previewTimer);
     previewTimer = setTimeout(preview, DEBOUNCE_MS);
@@ -391,7 +419,8 @@ export async function mount(root, route) {
   function body() {
     const b = { name: nameInput.value.trim() || undefined, spec: readSpec(), baseline: baselineBox.checked };
     const seeds = seedsInput.value.split(/[\s,;]+/).filter(Boolean).map(parseNumber);
-    return isSweep() ? { ...b, batch_sizes: parseBatchSizes(sizesInput.value), seeds } : b;
+    const sizes = sizesAuto() ? 'auto' : parseBatchSizes(sizesInput.value);
+    return isSweep() ? { ...b, batch_sizes: sizes, seeds } : b;
   }
 
   async function preview() {

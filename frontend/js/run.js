@@ -22,6 +22,7 @@ import {
 } from './plots.js';
 import { go, href, replaceQuery } from './router.js';
 import { debiasedEma } from './smoothing.js';
+import { heatmapGrid, heatmapLayout, heatmapTrace, linkX, parseHealthKeys, readRunStat, rowsOf, STATS as HEALTH_STATS } from './health.js';
 
 const HISTORY_POINTS = 2000;
 // Past this many points per trace the history is re-read downsampled (memory, redraw cost).
@@ -32,6 +33,9 @@ const LOG_TAIL = 1000;
 const LOG_KEEP = 3000; // lines kept on the page
 const X_MODES = ['step', 'epoch', 'samples', 'wall_time'];
 const X_LABEL = { step: 'x: iteration', epoch: 'x: epoch', samples: 'x: samples', wall_time: 'x: wall time' };
+const HEALTH_REFRESH_MS = 3000; // a live run's heatmap is re-read at most this often
+const HEALTH_POINTS = 2000;
+const MAX_CURSOR_CHARS = 6000; // the stream URL's cursors for keys the page does not plot
 
 // Panels, in sections. `smooth`: the EMA applies (lines, not per-epoch markers);
 // `logy`: the log-y toggle applies; `always`: drawn even before it has a point.
@@ -49,6 +53,11 @@ const PANELS = [
   ] },
   { id: 'grad', section: 'training', title: 'gradient norm', tozero: true, logy: true, always: true, traces: [
     { key: 'grad_norm', name: 'gradient norm', color: colorAt(4), smooth: true },
+  ] },
+  // McCandlish et al.'s B_simple (trainer/noise.py), always on a log axis, with the run's
+  // own kn across it (noiseExtras).
+  { id: 'noise', section: 'training', title: 'Gradient noise scale', log: true, always: true, traces: [
+    { key: 'noise_scale', name: 'noise scale B_simple', color: colorAt(5), smooth: true },
   ] },
   { id: 'step-time', section: 'timings', title: 'time per iteration (s)', tozero: true, logy: true, traces: [
     { key: 'step_time', name: 'step time', color: colorAt(2), smooth: true },
@@ -96,6 +105,7 @@ function readState(query) {
     x: X_MODES.includes(x) ? x : 'step',
     smooth: Number.isFinite(smooth) ? Math.min(0.99, Math.max(0, smooth)) : 0,
     logy: query.get('logy') === '1',
+    health: query.get('health') in HEALTH_STATS ? query.get('health') : 'dead',
   };
 }
 
@@ -105,6 +115,7 @@ function stateQuery(st) {
     x: st.x === 'step' ? '' : st.x,
     smooth: st.smooth > 0 ? String(st.smooth) : '',
     logy: st.logy ? '1' : '',
+    health: st.health === 'dead' ? '' : st.health,
   };
 }
 
@@ -221,12 +232,35 @@ export async function mount(root, route) {
   const specBox = h('details', { class: 'spec' }, h('summary', null, 'Full spec'));
   const charts = PANELS.map((p) => h('div', { class: 'chart', id: `chart-${p.id}`, dataset: { panel: p.id } }));
   const panels = PANELS.map((p, i) => h('div', { class: 'panel', dataset: { panel: p.id }, hidden: !p.always }, h('h3', null, p.title), charts[i]));
+  const NOISE = PANELS.findIndex((p) => p.id === 'noise');
+  const LOSS = PANELS.findIndex((p) => p.id === 'loss');
+  const noiseVerdict = h('p', { class: 'noise-verdict small' });
+  const noiseEmpty = h('p', { class: 'noise-empty muted small', hidden: true });
+  panels[NOISE].insertBefore(noiseVerdict, charts[NOISE]);
+  panels[NOISE].append(noiseEmpty);
+  // Layer health: layers x time, one statistic at a time, x linked with the loss curve.
+  const healthSel = h(
+    'select',
+    { name: 'health_stat', title: 'layer statistic', onchange: () => {
+      st.health = healthSel.value;
+      replaceQuery(stateQuery(st));
+      drawHealth();
+    } },
+    Object.entries(HEALTH_STATS).map(([v, d]) => h('option', { value: v }, d.label)),
+  );
+  healthSel.value = st.health;
+  const healthChart = h('div', { class: 'chart health-chart', id: 'chart-health', hidden: true });
+  const healthEmpty = h('p', { class: 'health-empty muted small' }, 'Reading the layers…');
+  const healthSection = h('div', { class: 'chart-section section-health' },
+    h('h2', null, 'layer health ', h('small', { class: 'muted' }, '(per conv/linear layer, model order)')),
+    h('div', { class: 'toolbar' }, healthSel),
+    healthEmpty, healthChart);
   const sections = Object.entries(SECTIONS).map(([name, label]) => {
     const mine = PANELS.map((p, i) => [p, i]).filter(([p]) => p.section === name).map(([, i]) => panels[i]);
     return h('div', { class: `chart-section section-${name}`, hidden: name !== 'training' },
       name === 'training' ? null : h('h2', null, label), h('div', { class: 'charts' }, mine));
   });
-  const chartsBox = h('div', { class: 'run-charts' }, sections);
+  const chartsBox = h('div', { class: 'run-charts' }, sections[0], healthSection, sections.slice(1));
   const logPre = h('pre', { class: 'run-log', tabindex: '0' });
   const logInfo = h('span', { class: 'muted small' });
   const logBox_ = h('details', { class: 'run-log-box', open: true },
@@ -387,14 +421,19 @@ export async function mount(root, route) {
     return run ? derivedOf(run).kn : 1;
   }
 
+  /** Samples per logged step: kn, or kn/m when each step is one of m backward splits. */
+  function stepBatch() {
+    return run ? derivedOf(run).perStep : 1;
+  }
+
   function xAt(series, i) {
-    if (st.x === 'samples') return (series.step[i] + 1) * kn();
+    if (st.x === 'samples') return (series.step[i] + 1) * stepBatch();
     return series[st.x][i];
   }
 
   function xsOf(series) {
     if (st.x === 'samples') {
-      const k = kn();
+      const k = stepBatch();
       return series.step.map((s) => (s + 1) * k);
     }
     return series[st.x].slice();
@@ -402,7 +441,7 @@ export async function mount(root, route) {
 
   /** Values as plotted: scaled; derived keys computed from their source. */
   function derivedValue(key, v) {
-    if (key === 'samples_per_s') return v > 0 ? kn() / v : null;
+    if (key === 'samples_per_s') return v > 0 ? stepBatch() / v : null;
     return v;
   }
 
@@ -435,7 +474,60 @@ export async function mount(root, route) {
         });
       }
     }
-    return [...out, ...raws];
+    // Appended last, so the indices of WHERE (extendTraces) stay those of the curves.
+    return [...out, ...raws, ...(panel.id === 'noise' ? noiseExtras() : [])];
+  }
+
+  /** The run's own kn across the noise-scale plot, over the x range of its points. */
+  function noiseExtras() {
+    const series = data.noise_scale;
+    if (!run || !series.step.length) return [];
+    const xs = xsOf(series).filter(Number.isFinite);
+    if (!xs.length) return [];
+    const k = kn();
+    const label = `this run's kn = ${formatKn(k)}`;
+    const x0 = Math.min(...xs);
+    const x1 = Math.max(...xs);
+    return [{
+      type: 'scatter', mode: 'lines+text', name: label, x: [x0, x1], y: [k, k],
+      text: ['', label], textposition: 'top left', textfont: { size: 11, color: BASELINE_COLOR },
+      line: { color: BASELINE_COLOR, width: 1.2, dash: 'dash' }, hoverinfo: 'skip', meta: { role: 'kn' },
+    }];
+  }
+
+  /** "kn is above / below the noise scale", from the latest smoothed value; the empty state. */
+  function renderNoise() {
+    const series = data.noise_scale;
+    const spec = run?.spec || {};
+    const has = series.value.some((v) => Number.isFinite(v));
+    charts[NOISE].hidden = !has;
+    noiseEmpty.hidden = has;
+    noiseVerdict.hidden = !has;
+    if (!has) {
+      let text;
+      if (spec.noise_every === 0) text = 'No noise scale: this run does not measure it (noise_every = 0).';
+      else if (spec.noise_every == null) text = 'No noise scale: this run was trained without the measurement.';
+      else if (spec.backward_splits > 1) text = 'No noise scale: it is not measured with backward_splits > 1 (no plain kn gradient to pair with a small one).';
+      else if (run && TERMINAL.has(run.status)) text = 'No noise-scale points were recorded for this run.';
+      else text = `No noise-scale point yet: it is measured every ${spec.noise_every} iterations.`;
+      setText(noiseEmpty, text);
+      return;
+    }
+    const smoothed = st.smooth > 0 ? debiasedEma(series.value, st.smooth) : series.value;
+    let latest = null;
+    for (let i = smoothed.length - 1; i >= 0; i--) {
+      if (Number.isFinite(smoothed[i])) {
+        latest = smoothed[i];
+        break;
+      }
+    }
+    const k = kn();
+    const side = k > latest ? 'above' : 'below';
+    const why = side === 'above'
+      ? 'past it, a larger batch buys little extra progress per step'
+      : 'a larger batch would still speed training up almost proportionally';
+    setText(noiseVerdict, `kn = ${formatKn(k)} is ${side} the noise scale (B_simple ≈ ${num(latest, 3)}${st.smooth > 0 ? ', smoothed' : ''}): ${why}.`);
+    noiseVerdict.dataset.side = side;
   }
 
   function layoutFor(panel) {
@@ -448,7 +540,7 @@ export async function mount(root, route) {
       yaxis: axis({
         exponentformat: 'power',
         rangemode: panel.tozero ? 'tozero' : 'normal',
-        type: panel.logy && st.logy ? 'log' : 'linear',
+        type: panel.log || (panel.logy && st.logy) ? 'log' : 'linear',
       }),
       uirevision: 'keep',
       ...divergenceMarks(),
@@ -477,7 +569,10 @@ export async function mount(root, route) {
 
   async function drawAll() {
     revealPanels();
+    const noiseWasHidden = charts[NOISE].hidden;
+    renderNoise();
     await Promise.all(PANELS.map((p, i) => Plotly.react(charts[i], tracesFor(p), layoutFor(p), PLOT_CONFIG)));
+    if (noiseWasHidden && !charts[NOISE].hidden) Plotly.Plots.resize(charts[NOISE]);
   }
 
   function takeHistory(series) {
@@ -504,7 +599,7 @@ export async function mount(root, route) {
     drawn = true;
     marked = run?.diverged_step != null;
     renderEmpty();
-    if (wasEmpty && !chartsBox.hidden) charts.forEach((c) => Plotly.Plots.resize(c));
+    if (wasEmpty && !chartsBox.hidden) charts.forEach((c) => !c.hidden && Plotly.Plots.resize(c));
     setText(note, '');
     announceDrawn({ view: 'run', runId: Number(id), lastStep: { ...lastStep } });
   }
@@ -515,7 +610,7 @@ export async function mount(root, route) {
     const ipe = derivedOf(run).ipe;
     let x = run.diverged_step;
     if (st.x === 'epoch' && ipe) x = run.diverged_step / ipe;
-    if (st.x === 'samples') x = (run.diverged_step + 1) * kn();
+    if (st.x === 'samples') x = (run.diverged_step + 1) * stepBatch();
     return {
       shapes: [{ type: 'line', xref: 'x', yref: 'paper', x0: x, x1: x, y0: 0, y1: 1,
         line: { color: '#c0392b', width: 1.5, dash: 'dash' } }],
@@ -535,6 +630,7 @@ export async function mount(root, route) {
 
   /** Queue SSE points; flush them into the plots on the next animation frame. */
   function onPoints(points) {
+    if (points.some((p) => p.key.startsWith('health/'))) scheduleHealth();
     if (!drawn) {
       buffered.push(...points);
       return;
@@ -600,13 +696,17 @@ export async function mount(root, route) {
     // A panel's first points: its legend and section appear (a full draw of that panel).
     const redraw = PANELS.map((p, i) => !panelsBefore[i] && p.traces.some((t) => counts[t.key] > 0));
     const revealed = revealPanels();
+    if (per[NOISE].idx.length) redraw[NOISE] = true; // its kn line spans the new points
+    const noiseWasHidden = charts[NOISE].hidden;
+    renderNoise();
+    if (noiseWasHidden && !charts[NOISE].hidden) requestAnimationFrame(() => Plotly.Plots.resize(charts[NOISE]));
     const jobs = per.map((u, pi) => {
       if (redraw[pi]) return Plotly.react(charts[pi], tracesFor(PANELS[pi]), layoutFor(PANELS[pi]), PLOT_CONFIG);
       return u.idx.length ? Plotly.extendTraces(charts[pi], { x: u.x, y: u.y }, u.idx) : null;
     });
     await Promise.all(jobs);
     renderEmpty();
-    if ((wasEmpty && !chartsBox.hidden) || revealed) charts.forEach((c, i) => !panels[i].hidden && Plotly.Plots.resize(c));
+    if ((wasEmpty && !chartsBox.hidden) || revealed) charts.forEach((c, i) => !panels[i].hidden && !c.hidden && Plotly.Plots.resize(c));
     announceDrawn({ view: 'run', runId: Number(id), lastStep: { ...lastStep } });
     if (Math.max(...Object.values(counts)) > REDOWNSAMPLE_AT) reloadHistory();
   }
@@ -632,6 +732,83 @@ export async function mount(root, route) {
     }
   }
 
+  // ---------- layer health ----------
+  let runKeys = []; // every metric key of the run (GET /api/runs/ID/keys)
+  let health = parseHealthKeys([]);
+  let healthCache = {}; // stat -> {layer: Series}
+  let healthTimer = null;
+  let healthLinked = false;
+  let healthSeq = 0;
+
+  async function readKeys() {
+    try {
+      runKeys = (await api.runKeys(id)).keys;
+    } catch {
+      runKeys = [];
+    }
+    health = parseHealthKeys(runKeys);
+  }
+
+  function healthMessage(stat) {
+    const every = run?.spec?.health_every;
+    if (health.layers.length) {
+      return stat === 'dead'
+        ? 'No layer of this run is followed by a ReLU: there is no dead fraction to show.'
+        : `No ${HEALTH_STATS[stat].label} points in this run.`;
+    }
+    if (every === 0) return 'No layer health: this run does not measure it (health_every = 0).';
+    if (every == null) return 'No layer health: this run was trained without the measurement.';
+    if (run && TERMINAL.has(run.status)) return 'No layer-health points were recorded for this run.';
+    return `No layer-health point yet: it is measured every ${every} iterations.`;
+  }
+
+  async function drawHealth() {
+    const mine = ++healthSeq;
+    const stat = st.health;
+    if (!health.layers.length && run && !TERMINAL.has(run.status)) await readKeys(); // new layers
+    const layers = health.byStat[stat] || [];
+    if (!layers.length) {
+      healthChart.hidden = true;
+      healthEmpty.hidden = false;
+      setText(healthEmpty, healthMessage(stat));
+      announceDrawn({ view: 'health', runId: Number(id), stat, rows: 0 });
+      return;
+    }
+    Plotly = Plotly || (await loadPlotly());
+    if (!healthCache[stat]) {
+      const params = { x: st.x === 'samples' ? 'step' : st.x, max_points: HEALTH_POINTS };
+      const got = await readRunStat(id, layers, stat, params);
+      if (stopped || mine !== healthSeq) return;
+      healthCache[stat] = got;
+    }
+    const grid = heatmapGrid(rowsOf(healthCache[stat], layers, xsOf));
+    const wasHidden = healthChart.hidden;
+    healthChart.hidden = false;
+    healthEmpty.hidden = true;
+    const lossRange = drawn && !charts[LOSS].layout?.xaxis?.autorange ? charts[LOSS].layout?.xaxis?.range : null;
+    const layout = heatmapLayout({ xTitle: FIGURE.x_titles[st.x], rows: grid.y.length, xRange: lossRange });
+    await Plotly.react(healthChart, [heatmapTrace(grid, stat, { xTitle: FIGURE.x_titles[st.x] })], layout, PLOT_CONFIG);
+    if (stopped) return;
+    if (wasHidden) Plotly.Plots.resize(healthChart);
+    if (!healthLinked && drawn) {
+      healthLinked = true;
+      linkX(Plotly, charts[LOSS], healthChart);
+    }
+    announceDrawn({ view: 'health', runId: Number(id), stat, rows: grid.y.length, cols: grid.x.length });
+  }
+
+  /** New health points arrived over SSE: re-read the heatmap, at most every few seconds. */
+  function scheduleHealth() {
+    if (healthTimer) return;
+    healthTimer = setTimeout(async () => {
+      healthTimer = null;
+      if (stopped) return;
+      await readKeys();
+      healthCache = {};
+      drawHealth().catch(() => {});
+    }, HEALTH_REFRESH_MS);
+  }
+
   // ---------- live ----------
   function openStream() {
     // Cursors for the plotted keys, and for the trainer's other keys (not drawn here) the
@@ -640,7 +817,18 @@ export async function mount(root, route) {
     for (const [src, ds] of Object.entries(DERIVED)) sources[src] = Math.max(...ds.map((d) => lastStep[d]));
     const newest = Math.max(...Object.values(sources));
     const cursors = KEYS.filter((k) => sources[k] >= 0).map((k) => `${k}:${sources[k]}`);
-    if (newest >= 0) cursors.push(...OTHER_KEYS.map((k) => `${k}:${newest}`));
+    // Keys not plotted as curves (noise components, health/...: the heatmap reads its own)
+    // start at the newest step too, so the stream does not replay their history.
+    // Bounded (a deep model has hundreds of health keys): past it, keys replay instead.
+    const others = [...new Set([...OTHER_KEYS, ...runKeys.filter((k) => !(k in sources))])];
+    let room = MAX_CURSOR_CHARS;
+    if (newest >= 0) {
+      for (const k of others) {
+        const c = `${k}:${newest}`;
+        if ((room -= c.length + 1) < 0) break;
+        cursors.push(c);
+      }
+    }
     const since = cursors.join(',');
     es = new EventSource(`${api.streamUrl(id)}${since ? `?since=${encodeURIComponent(since)}` : ''}`);
     es.addEventListener('points', (ev) => {
@@ -818,6 +1006,7 @@ export async function mount(root, route) {
   // Run and history in parallel; Plotly compiles while they are on the way.
   const history = readHistory();
   history.catch(() => {}); // handled below; a 404 is reported through api.run
+  const keysRead = readKeys();
   loadPlotly().catch(() => {});
   try {
     renderRun(await api.run(id));
@@ -836,6 +1025,12 @@ export async function mount(root, route) {
   } catch (err) {
     if (!stopped) setText(note, `Could not load metrics: ${err.message || err}`);
   }
+  await keysRead;
+  if (!stopped) {
+    drawHealth().catch((err) => {
+      if (!stopped) setText(healthEmpty, `Could not load layer health: ${err.message || err}`);
+    });
+  }
   // The stream resumes after the last step the history holds, per key: points logged
   // since the history was read arrive first, nothing is sent twice.
   if (!stopped && !TERMINAL.has(run.status)) openStream();
@@ -847,6 +1042,8 @@ export async function mount(root, route) {
     clearTimeout(closeTimer);
     clearTimeout(logTimer);
     clearTimeout(smoothTimer);
+    clearTimeout(healthTimer);
     charts.forEach(purge);
+    purge(healthChart);
   };
 }

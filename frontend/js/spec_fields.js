@@ -12,6 +12,7 @@ export const GROUPS = [
   ['opt', 'Optimizer'],
   ['norm', 'Normalization'],
   ['loop', 'Loop'],
+  ['probe', 'Measurements (batch-size advisor)'],
 ];
 
 export const FIELDS = [
@@ -37,6 +38,8 @@ export const FIELDS = [
     help: 'Real DDP processes the k workers are spread over.' },
   { name: 'micro_batch', group: 'batch', kind: 'int', default: null, nullable: true, min: 1,
     placeholder: 'whole iteration', help: 'Largest forward pass; bigger iterations accumulate.' },
+  { name: 'backward_splits', label: 'backward splits m', group: 'batch', kind: 'int', default: 1,
+    min: 1, max: 64, help: 'Seed 004: one forward, m updates from m chunks (1: plain).' },
   // --- learning rate ---
   { name: 'base_lr', label: 'base LR η', group: 'lr', kind: 'float', default: 0.1, step: 'any',
     help: 'η for the reference batch (paper: 0.1 per 256).' },
@@ -97,6 +100,11 @@ export const FIELDS = [
     help: 'Diverged when loss exceeds this × its start.' },
   { name: 'checkpoint', group: 'loop', kind: 'bool', default: true,
     help: 'Checkpoint each epoch (resume after a crash).' },
+  // --- measurements (issue 13) ---
+  { name: 'noise_every', group: 'probe', kind: 'int', default: 20, min: 0,
+    help: 'Iterations between gradient-noise-scale measurements (0: off).' },
+  { name: 'health_every', group: 'probe', kind: 'int', default: 20, min: 0,
+    help: 'Iterations between layer-health measurements: dead ReLUs, norms (0: off).' },
 ];
 
 export const FIELD_BY_NAME = Object.fromEntries(FIELDS.map((f) => [f.name, f]));

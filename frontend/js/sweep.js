@@ -29,6 +29,81 @@ const ERR_FIELDS = {
   best: ['best_val_err', 'best validation error (%)'],
 };
 
+const BAND_COLOR = '#2a7ab0';
+const KNEE_COLOR = '#c0392b';
+
+/**
+ * The advice of GET /api/sweeps/ID drawn over Figure 1, on an overlaid y axis 'y2' spanning
+ * the plot's height (0..1): the baseline's B_simple as a band (q25..q75) with a line at
+ * its median, and the measured knee as a dashed vertical line. Traces, so they sit on the
+ * log x axis in data units and widen its range. Empty without advice.
+ */
+export function adviceTraces(advice) {
+  const out = [];
+  const cb = advice?.critical_batch;
+  if (cb && cb.median > 0) {
+    const [lo, hi] = [Math.max(cb.q25, 1e-9), Math.max(cb.q75, cb.q25, 1e-9)];
+    out.push({
+      type: 'scatter', mode: 'lines', xaxis: 'x', yaxis: 'y2', x: [lo, hi, hi, lo, lo], y: [0, 0, 1, 1, 0],
+      fill: 'toself', fillcolor: withAlpha(BAND_COLOR, 0.15), line: { width: 0 },
+      name: 'predicted critical batch (noise scale)', hoverinfo: 'skip', meta: { role: 'critical-band' },
+    });
+    const label = `B_simple ≈ ${num(cb.median, 3)}`;
+    out.push({
+      type: 'scatter', mode: 'lines+text', xaxis: 'x', yaxis: 'y2', x: [cb.median, cb.median], y: [0, 1],
+      text: ['', label], textposition: 'bottom right', textfont: { color: BAND_COLOR, size: 11 },
+      line: { color: BAND_COLOR, width: 1.5 }, name: escapeHtml(`${label} (median; band q25–q75 = ${num(cb.q25, 3)}–${num(cb.q75, 3)})`),
+      hovertemplate: `B_simple median ${num(cb.median, 4)}, q25 ${num(cb.q25, 4)}, q75 ${num(cb.q75, 4)} (${cb.points} points)<extra></extra>`,
+      meta: { role: 'critical-median' },
+    });
+  }
+  const knee = advice?.knee;
+  if (knee && knee.batch_size != null) {
+    const label = `measured knee: kn = ${formatKn(knee.batch_size)}`;
+    out.push({
+      type: 'scatter', mode: 'lines+text', xaxis: 'x', yaxis: 'y2', x: [knee.batch_size, knee.batch_size], y: [0, 1],
+      text: ['', label], textposition: 'bottom left', textfont: { color: KNEE_COLOR, size: 11 },
+      line: { color: KNEE_COLOR, width: 1.5, dash: 'dash' }, name: escapeHtml(label),
+      hovertemplate: `${escapeHtml(label)}: the smallest kn whose final error exceeds ${pct(knee.threshold)}<extra></extra>`,
+      meta: { role: 'knee' },
+    });
+  }
+  return out;
+}
+
+/** What the advice says or lacks, one short sentence each (shown under the figure). */
+export function adviceNotes(advice) {
+  const cb = advice?.critical_batch;
+  const knee = advice?.knee;
+  const notes = [];
+  if (cb) {
+    notes.push(`Predicted critical batch (the baseline's noise scale B_simple over the last half of training): median ${num(cb.median, 3)}, q25–q75 ${num(cb.q25, 3)}–${num(cb.q75, 3)} (${cb.points} points, run${cb.run_ids.length > 1 ? 's' : ''} ${cb.run_ids.join(', ')}).`);
+  } else {
+    notes.push('No predicted critical batch: the baseline has no noise-scale points yet (noise_every = 0, or not measured yet).');
+  }
+  if (!knee) {
+    notes.push('No measured knee yet: it needs the baseline and the larger batch sizes to finish.');
+  } else if (knee.batch_size == null) {
+    notes.push(`No knee: no finished batch size's final error exceeds the baseline's ${pct(knee.baseline_mean)} by more than ${pct(knee.threshold - knee.baseline_mean)} (${knee.rule}).`);
+  } else {
+    const ratio = cb ? ` The prediction is ${num(cb.median / knee.batch_size, 2)}× the measured knee.` : '';
+    notes.push(`Measured knee: kn = ${formatKn(knee.batch_size)}, the smallest batch size past the baseline's ${pct(knee.baseline_mean)} ± ${pct(knee.baseline_std)} (${knee.rule}).${ratio}`);
+  }
+  return notes;
+}
+
+/** An auto sweep's state (GET /api/sweeps/ID's sweep.auto_state), or '' for other sweeps. */
+export function autoStateText(sweep) {
+  const st = sweep?.auto_state;
+  if (!st) return '';
+  const head = {
+    waiting: 'Auto sweep: waiting for the baseline’s noise scale.',
+    ladder_queued: 'Auto sweep: the batch sizes around the baseline’s noise scale are queued.',
+    no_ladder: 'Auto sweep: could not place the batch sizes.',
+  }[st] || `Auto sweep: ${st}.`;
+  return sweep.auto_message ? `${head} ${sweep.auto_message}` : head;
+}
+
 /** Rows grouped by total batch (baseline rows apart), sorted by k·n. */
 export function byBatch(rows) {
   const map = new Map();
@@ -115,6 +190,8 @@ export async function mount(root, route) {
   const compareLink = h('a', { class: 'button', href: href('compare', { group: id }) }, 'Compare curves');
   const parallelLink = h('a', { class: 'button', href: href('parallel', { group: id }), title: 'spec fields against final error' }, 'Parallel coordinates');
   const chart = h('div', { class: 'chart sweep-chart', id: 'sweep-chart' });
+  const autoLine = h('p', { class: 'auto-state', hidden: true });
+  const adviceBox = h('div', { class: 'advice-note muted small' });
   const table = h('div', { class: 'table-wrap' });
   const note = h('p', { class: 'muted small' });
 
@@ -125,8 +202,10 @@ export async function mount(root, route) {
       { class: 'view sweep-view' },
       h('div', { class: 'toolbar' }, title, progress, h('span', { class: 'spacer' }), errSel, compareLink, parallelLink),
       info,
+      autoLine,
       h('h2', null, 'Error against minibatch size'),
       chart,
+      adviceBox,
       h('h2', null, 'Per batch size'),
       note,
       table,
@@ -151,6 +230,13 @@ export async function mount(root, route) {
       sweep.seeds && `seeds ${sweep.seeds.join(', ')}`,
     ].filter(Boolean);
     setText(info, parts.join(' · '));
+    const auto = autoStateText(sweep);
+    autoLine.hidden = !auto;
+    autoLine.dataset.state = sweep.auto_state || '';
+    setText(autoLine, auto);
+    // Comparison groups are served here too: they predict no knee.
+    const notes = sweep.kind === 'compare' && !res.advice ? [] : adviceNotes(res.advice);
+    replace(adviceBox, notes.map((t) => h('p', null, t)));
     const target = spec.target_accuracy;
     setText(
       note,
@@ -223,7 +309,8 @@ export async function mount(root, route) {
     const main = rows.filter((r) => !r.is_baseline);
     const base = rows.filter((r) => r.is_baseline);
     const traces = [];
-    const kns = rows.map((r) => r.total_batch).filter((v) => v > 0);
+    const marks = adviceTraces(res.advice);
+    const kns = [...rows.map((r) => r.total_batch), ...marks.flatMap((t) => t.x)].filter((v) => v > 0);
     const ticks = log2Ticks(kns);
     const lo = ticks.tickvals.length ? ticks.tickvals[0] / 1.4 : 1;
     const hi = ticks.tickvals.length ? ticks.tickvals[ticks.tickvals.length - 1] * 1.4 : 2;
@@ -280,6 +367,7 @@ export async function mount(root, route) {
       line: { color, width: 2 }, marker: { size: 8, color },
       hovertemplate: 'kn=%{x}: %{y:.2f}%<extra>mean</extra>', meta: { role: 'mean' },
     });
+    traces.push(...marks);
     const layout = baseLayout({
       height: 380,
       hovermode: 'closest',
@@ -289,6 +377,8 @@ export async function mount(root, route) {
       yaxis: axis({ title: { text: label } }),
       uirevision: errKey,
     });
+    // The advice's vertical marks: an invisible axis over the whole plot height.
+    if (marks.length) layout.yaxis2 = { overlaying: 'y', range: [0, 1], visible: false, fixedrange: true };
     await Plotly.react(chart, traces, layout, PLOT_CONFIG);
     announceDrawn({ view: 'sweep', traces: traces.length, points: seedsX.length });
   }
