@@ -4,8 +4,12 @@
    iteration, val_err each epoch) are written through ``store.metrics.MetricWriter``;
    the compare view opens on all of them. Measured: milliseconds from navigation start
    to the view's ``batchlab:drawn`` event (every trace drawn), first with an empty
-   browser cache (Plotly.js downloaded and compiled) and then again in the same context,
-   plus the /api/metrics request and the Plotly drawing alone.
+   browser cache (Plotly.js downloaded and compiled; ``--cold-loads`` of them, each in a
+   new context) and then again in the same context. Broken down: when Plotly.js had run,
+   the /api/metrics request (the server's wait, the answer's size) and when it was in,
+   building the traces and Plotly.react; then, for the full and the trimmed answer (issue
+   12), the read from Python, JSON.parse in Chromium and the API's work in-process (read,
+   JSON, gzip).
 2. Live latency: a run page is open on a running run; points are logged one at a time
    through a MetricWriter (the trainer's DbSink path) at ``--rate`` per second. For each
    point: time from ``writer.add`` to the page's draw event that holds it (the page
@@ -17,6 +21,7 @@
     .venv/bin/python bench/browser_perf.py --running                  # runs still training
     .venv/bin/python bench/browser_perf.py --running --drop-overviews # ... without overviews
     .venv/bin/python bench/browser_perf.py --running --cold --settle 10  # a cold first read
+    .venv/bin/python bench/browser_perf.py --running --cold --settle 10 --cold-loads 5
 
 Needs Debian's Chromium (/usr/bin/chromium, or BATCHLAB_CHROMIUM). Prints a Markdown
 table (docs/benchmarks/frontend.md records it).
@@ -57,6 +62,12 @@ DRAWN_RECORDER = (
     "window.__drawn = [];"
     "document.addEventListener('batchlab:drawn', (e) => window.__drawn.push("
     "{...e.detail, t: performance.now(), wall: Date.now()}));"
+    # When plotly.min.js has run (its last act is to set window.Plotly): fetched,
+    # compiled and executed.
+    "Object.defineProperty(window, 'Plotly', {configurable: true, set(v) {"
+    " window.__plotlyReady = performance.now();"
+    " Object.defineProperty(window, 'Plotly', {value: v, writable: true, configurable: true});"
+    "}});"
 )
 
 
@@ -180,28 +191,49 @@ def keep_alive(engine: Any, ids: list[int], every_s: float = 5.0) -> threading.E
 RESOURCE_TIMING = """() => {
     const r = performance.getEntriesByType('resource');
     const last = (s) => r.filter((e) => e.name.includes(s)).at(-1);
-    const m = last('/api/metrics'), p = last('plotly.min.js');
+    const m = last('/api/metrics?');
+    const used = document.querySelector('script[src*="plotly"]');
+    const p = used && last(new URL(used.src).pathname);
     return {metrics_ms: m && m.duration, metrics_end: m && m.responseEnd,
-            metrics_bytes: m && m.transferSize, plotly_ms: p ? p.duration : 0};
+            metrics_wait: m && m.responseStart - m.requestStart,
+            metrics_bytes: m && m.transferSize, metrics_raw: m && m.decodedBodySize,
+            metrics_url: m && m.name, plotly_ms: p ? p.duration : 0, plotly_url: p && p.name,
+            plotly_ready: window.__plotlyReady ?? null};
+}"""
+
+# The browser's share of one answer, timed apart in the open page: reading the body
+# and JSON.parse (the page does both in api.js).
+PARSE_TIMING = """async (url) => {
+    const out = [];
+    for (let i = 0; i < 3; i++) {
+        const res = await fetch(url);
+        const text = await res.text();
+        const t = performance.now();
+        JSON.parse(text);
+        out.push(performance.now() - t);
+    }
+    return out;
 }"""
 
 
-def measure_compare(browser: Any, url: str, ids: list[int], repeats: int) -> list[dict]:
-    """Page loads (the first with every cache empty), then in-app navigations."""
+def measure_compare(
+    browser: Any, url: str, ids: list[int], repeats: int, cold_loads: int = 1
+) -> list[dict]:
+    """Page loads with every browser cache empty (each in a new context), then page loads
+    in the last one (caches warm), then in-app navigations."""
     route = f"#/compare?runs={','.join(map(str, ids))}&baseline={ids[0]}"
-    context = browser.new_context(viewport={"width": 1440, "height": 900})
-    context.add_init_script(DRAWN_RECORDER)
     out = []
-    page = None
-    for i in range(repeats):
-        if page:
-            page.close()
+    for _ in range(cold_loads):
+        context = browser.new_context(viewport={"width": 1440, "height": 900})
+        context.add_init_script(DRAWN_RECORDER)
         page = context.new_page()
-        page.goto(f"{url}/{route}")
-        page.wait_for_function("window.__drawn.some((d) => d.view === 'compare')", timeout=120_000)
-        drawn = page.evaluate("window.__drawn.find((d) => d.view === 'compare')")
-        label = "first page load (caches empty)" if i == 0 else "page load (caches warm)"
-        out.append({"load": label, "total_ms": drawn["t"], **_details(page, drawn)})
+        out.append(_page_load(page, url, route, "first page load (caches empty)"))
+        if len(out) < cold_loads:
+            context.close()
+    for _ in range(repeats - 1):
+        page.close()
+        page = context.new_page()
+        out.append(_page_load(page, url, route, "page load (caches warm)"))
     # Within the app (Runs -> Compare): Plotly is already compiled.
     for _ in range(repeats):
         page.evaluate("location.hash = '#/runs'")
@@ -221,28 +253,85 @@ def measure_compare(browser: Any, url: str, ids: list[int], repeats: int) -> lis
     return out
 
 
+def _page_load(page: Any, url: str, route: str, label: str) -> dict:
+    page.goto(f"{url}/{route}")
+    page.wait_for_function("window.__drawn.some((d) => d.view === 'compare')", timeout=120_000)
+    drawn = page.evaluate("window.__drawn.find((d) => d.view === 'compare')")
+    return {"load": label, "total_ms": drawn["t"], **_details(page, drawn)}
+
+
 def _details(page: Any, drawn: dict) -> dict:
     points = page.evaluate(
         "document.getElementById('compare-chart').data.reduce((a, t) => a + t.x.length, 0)"
     )
     return {
         "draw_ms": drawn["ms"],
+        "build_ms": drawn.get("build_ms"),
         "traces": drawn["traces"],
         "points": points,
         **page.evaluate(RESOURCE_TIMING),
     }
 
 
-def server_alone(url: str, ids: list[int], repeats: int = 3) -> list[float]:
-    """The same /api/metrics read from Python, nothing else running (ms)."""
+# The compare view's first read before and after issue 12's compact answer.
+FULL_QUERY = "keys=train_err,lr&x=epoch&max_points=1500"
+COMPACT_QUERY = FULL_QUERY + "&columns=epoch,value&digits=6&drop_flat=lr"
+
+
+def server_alone(url: str, ids: list[int], query: str, repeats: int = 3) -> dict[str, Any]:
+    """An /api/metrics read from Python, nothing else running: ms each, and its size."""
     runs = ",".join(map(str, ids))
-    q = f"{url}/api/metrics?runs={runs}&keys=train_err,lr&x=epoch&max_points=1500"
+    q = f"{url}/api/metrics?runs={runs}&{query}"
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        httpx.get(q, timeout=60).raise_for_status()
+        r = httpx.get(q, timeout=60)
+        r.raise_for_status()
         times.append(1000 * (time.perf_counter() - t))
-    return times
+    return {"ms": times, "bytes": len(r.content), "gzip": int(r.headers["content-length"])}
+
+
+def server_breakdown(engine: Any, ids: list[int], repeats: int = 3) -> dict[str, list[tuple]]:
+    """The API's work for one /api/metrics answer, in this process (ms each, medians of
+    ``repeats``, the series cache emptied first): read + downsample, JSON, gzip level 1."""
+    import gzip
+
+    from server.encode import dumps
+    from store.metrics import Compact, cache, read_series
+
+    trims = {
+        "full": None,
+        "compact": Compact(columns=("epoch", "value"), digits=6, drop_flat=frozenset({"lr"})),
+    }
+    out: dict[str, list[tuple]] = {}
+    for name, trim in trims.items():
+        for _ in range(repeats):
+            cache.invalidate()
+            t0 = time.perf_counter()
+            body = {
+                str(i): read_series(
+                    engine, i, ["train_err", "lr"], x="epoch", max_points=1500, compact=trim
+                )
+                for i in ids
+            }
+            t1 = time.perf_counter()
+            raw = dumps({"runs": body, "missing": []}).encode()
+            t2 = time.perf_counter()
+            gzip.compress(raw, compresslevel=1)
+            t3 = time.perf_counter()
+            out.setdefault(name, []).append((1000 * (t1 - t0), 1000 * (t2 - t1), 1000 * (t3 - t2)))
+    return out
+
+
+def parse_in_browser(browser: Any, url: str, ids: list[int], query: str) -> list[float]:
+    """JSON.parse of one /api/metrics answer in Chromium (ms, 3 times)."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{url}/static/app.css")
+    runs = ",".join(map(str, ids))
+    got = page.evaluate(PARSE_TIMING, f"{url}/api/metrics?runs={runs}&{query}")
+    context.close()
+    return got
 
 
 def measure_live(browser: Any, url: str, engine: Any, n_points: int, rate: float) -> list[float]:
@@ -295,6 +384,9 @@ def main() -> int:
     ap.add_argument("--points", type=int, default=100_000, help="iterations per run")
     ap.add_argument(
         "--repeats", type=int, default=3, help="page loads (1st cold), then in-app navigations"
+    )
+    ap.add_argument(
+        "--cold-loads", type=int, default=1, help="first page loads, each with empty caches"
     )
     ap.add_argument("--live-points", type=int, default=100)
     ap.add_argument("--rate", type=float, default=10.0, help="live points per second")
@@ -350,8 +442,10 @@ def main() -> int:
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                loads = measure_compare(browser, url, ids, args.repeats)
-                alone = server_alone(url, ids)
+                loads = measure_compare(browser, url, ids, args.repeats, args.cold_loads)
+                alone = {q: server_alone(url, ids, q) for q in (FULL_QUERY, COMPACT_QUERY)}
+                parse = {q: parse_in_browser(browser, url, ids, q) for q in alone}
+                work = server_breakdown(engine, ids)
                 lat = measure_live(browser, url, engine, args.live_points, args.rate)
                 browser.close()
         finally:
@@ -371,28 +465,50 @@ def main() -> int:
         f"{'; its start-up cache warming kept off them' if args.cold else ''}\n"
     )
     print(
-        "| compare load | all traces drawn (ms) | /api/metrics (ms) | transfer (KB) "
-        "| Plotly.js fetch (ms) | data in -> drawn (ms) | Plotly draw (ms) | traces "
-        "| points drawn |"
+        "| compare load | all traces drawn (ms) | /api/metrics (ms) | of it: server wait "
+        "| answer (KB gzip / raw) | Plotly.js fetch (ms) | Plotly.js ready at (ms) "
+        "| data in at (ms) | data in -> drawn (ms) | build traces (ms) | Plotly.react (ms) "
+        "| traces | points drawn |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    dash = "–"
     for r in loads:
+        ready = r["plotly_ready"]
+        build = r["build_ms"]
         print(
             f"| {r['load']} | {r['total_ms']:.0f} | {r['metrics_ms']:.0f} | "
-            f"{(r['metrics_bytes'] or 0) / 1024:.0f} | "
-            f"{'–' if r['plotly_ms'] is None else round(r['plotly_ms'])} | "
-            f"{r['total_ms'] - r['metrics_end']:.0f} | {r['draw_ms']:.0f} | {r['traces']} | "
-            f"{r['points']} |"
+            f"{r['metrics_wait']:.0f} | "
+            f"{(r['metrics_bytes'] or 0) / 1024:.0f} / {(r['metrics_raw'] or 0) / 1024:.0f} | "
+            f"{dash if r['plotly_ms'] is None else round(r['plotly_ms'])} | "
+            f"{dash if ready is None or r['load'] == 'in-app navigation' else round(ready)} | "
+            f"{r['metrics_end']:.0f} | "
+            f"{r['total_ms'] - r['metrics_end']:.0f} | "
+            f"{dash if build is None else round(build)} | "
+            f"{r['draw_ms'] - (build or 0):.0f} | {r['traces']} | {r['points']} |"
         )
-    for label in ("page load (caches warm)", "in-app navigation"):
+    for label in ("first page load (caches empty)", "page load (caches warm)", "in-app navigation"):
         got = [r["total_ms"] for r in loads if r["load"] == label]
         if got:
             print(f"\n{label}: median {statistics.median(got):.0f} ms")
-    print(
-        "\n/api/metrics from Python (gzip), same query, nothing else running: "
-        + ", ".join(f"{t:.0f}" for t in alone)
-        + " ms"
-    )
+    print(f"\npage's /api/metrics query: {loads[0]['metrics_url'].split('&', 1)[-1]}")
+    print(f"page's Plotly.js: {loads[0]['plotly_url']}")
+    print("\n| /api/metrics, nothing else running | from Python (gzip), ms | JSON.parse in "
+          "Chromium, ms | KB gzip / raw |")  # fmt: skip
+    print("|---|---|---|---|")
+    for q, a in alone.items():
+        print(
+            f"| {'compact' if q == COMPACT_QUERY else 'full'}: `{q}` | "
+            + ", ".join(f"{t:.0f}" for t in a["ms"])
+            + " | "
+            + ", ".join(f"{t:.0f}" for t in parse[q])
+            + f" | {a['gzip'] / 1024:.0f} / {a['bytes'] / 1024:.0f} |"
+        )
+    print("\n| the API's work per answer (in-process, median ms) | read + downsample | JSON "
+          "| gzip -1 |")  # fmt: skip
+    print("|---|---|---|---|")
+    for name, runs_ in work.items():
+        cols = [statistics.median(r[k] for r in runs_) for k in range(3)]
+        print(f"| {name} | " + " | ".join(f"{c:.0f}" for c in cols) + " |")
     print(
         f"\nlive latency, {len(lat)} points at {args.rate:g}/s, log -> drawn (ms): "
         f"p50 {pct(lat, 50):.0f}, p95 {pct(lat, 95):.0f}, max {max(lat):.0f}"

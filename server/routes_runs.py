@@ -27,6 +27,7 @@ from server.schemas import (
     BatchMetrics,
     RunCreate,
     RunCreated,
+    RunKeys,
     RunMetrics,
     RunOut,
     XAxis,
@@ -147,6 +148,20 @@ def parse_ids(runs: str) -> list[int]:
     return ids
 
 
+def parse_compact(
+    columns: str | None, digits: int | None, drop_flat: str | None
+) -> store_metrics.Compact:
+    """The batch read's trimming options; 422 naming the field on a bad column."""
+    cols = tuple(dict.fromkeys(c.strip() for c in (columns or "").split(",") if c.strip()))
+    bad = [c for c in cols if c not in store_metrics.SERIES_COLUMNS]
+    if bad:
+        raise query_error("columns", f"unknown columns {bad}", columns)
+    flat = frozenset(k.strip() for k in (drop_flat or "").split(",") if k.strip())
+    if any(not _KEY_RE.match(k) for k in flat) or len(flat) > MAX_KEYS:
+        raise query_error("drop_flat", "comma-separated metric keys expected", drop_flat)
+    return store_metrics.Compact(columns=cols, digits=digits, drop_flat=flat)
+
+
 def query_error(field: str, msg: str, value: Any) -> RequestValidationError:
     return RequestValidationError(
         [{"type": "value_error", "loc": ("query", field), "msg": msg, "input": value}]
@@ -192,6 +207,27 @@ def run_metrics(
 
 
 @router.get(
+    "/runs/{run_id}/keys",
+    response_model=RunKeys,
+    summary="The metric keys a run has points for (optionally those with a prefix)",
+)
+def run_keys(
+    ctx: CtxDep,
+    run_id: RunIdPath,
+    prefix: str = Query(
+        "",
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:/-]*$",
+        description="Only keys starting with this, e.g. health/.",
+    ),
+) -> Any:
+    with db.session(ctx.engine) as s:
+        if store_runs.get_run(s, run_id) is None:
+            raise not_found(run_id)
+    return {"run_id": run_id, "keys": store_metrics.keys(ctx.engine, run_id, prefix)}
+
+
+@router.get(
     "/metrics",
     response_class=FastJSONResponse,
     responses={200: {"model": BatchMetrics}},
@@ -203,14 +239,35 @@ async def batch_metrics(
     keys: str | None = Query(None, description=f"Comma-separated; default {DEFAULT_KEYS}."),
     x: XAxis = "step",
     max_points: int = Query(2000, ge=2, le=100_000),
+    columns: str | None = Query(
+        None,
+        description="Comma-separated columns of each series among step, epoch, wall_time, "
+        "value (default all), e.g. epoch,value for a plot against epochs.",
+    ),
+    digits: int | None = Query(
+        None, ge=1, le=17, description="Round floats to this many significant digits."
+    ),
+    drop_flat: str | None = Query(
+        None,
+        description="Comma-separated keys drawn as lines: points inside a stretch of equal "
+        "values are left out (a step LR schedule keeps its corners).",
+    ),
 ) -> Any:
     ids = parse_ids(runs)
     key_list = parse_keys(keys)
+    # The compare view's first paint: the x column and the value, 6 digits, the LR's
+    # corners: a sixth of the JSON to write, gzip, send and parse (docs/benchmarks.md).
+    compact = parse_compact(columns, digits, drop_flat)
 
     def read_all() -> dict[str, Any]:
         with db.session(ctx.engine) as s:
             present = [i for i in ids if store_runs.get_run(s, i) is not None]
-        out = {str(i): read_run_series(ctx, i, key_list, x, max_points) for i in present}
+        out = {
+            str(i): store_metrics.read_series(
+                ctx.engine, i, key_list, x=x, max_points=max_points, compact=compact
+            )
+            for i in present
+        }
         return {"runs": out, "missing": [i for i in ids if i not in present]}
 
     # One worker thread for the whole batch: 20 runs x 3 keys are ~60 small queries.

@@ -9,10 +9,11 @@ import { api } from './api.js';
 import { escapeHtml, h, replace, setText } from './escape.js';
 import { derivedOf, formatKn, num, paperLabel, pct, TERMINAL } from './format.js';
 import { announceDrawn, axis, BASELINE_COLOR, colorAt, FIGURE, loadPlotly, PLOT_CONFIG, purge, themed, withAlpha } from './plots.js';
+import { compareHealth } from './health.js';
 import { href, replaceQuery } from './router.js';
 import { aggregate, debiasedEma, meanStd } from './smoothing.js';
 
-const MAX_POINTS = 1500;
+const MAX_POINTS = FIGURE.read.max_points;
 const LIVE_MS = 5000;
 const ZOOM_DEBOUNCE_MS = 250;
 
@@ -116,10 +117,10 @@ function countLabel(runs) {
   return `${runs.length} ${seeds.size === runs.length ? 'seeds' : 'runs'}`;
 }
 
-/** x values of a series on the chosen axis (samples: (step + 1) · kn). */
+/** x values of a series on the chosen axis (samples: (step + 1) · samples per step). */
 function xValues(series, xMode, run) {
   if (xMode === 'samples') {
-    const kn = derivedOf(run).kn;
+    const kn = derivedOf(run).perStep;
     return series.step.map((s) => (s + 1) * kn);
   }
   if (xMode === 'step') return series.step;
@@ -257,6 +258,7 @@ export async function mount(root, route) {
   const status = h('span', { class: 'muted small' });
   const chart = h('div', { class: 'chart compare-chart', id: 'compare-chart' });
   const table = h('div', { class: 'table-wrap' });
+  const healthView = compareHealth(); // layer-health small multiples (health.js)
   const message = h('div', { class: 'empty', hidden: true });
   const notice = h('p', { class: 'notice', hidden: true });
   // The comparison's points at full resolution (GET /api/metrics.csv|parquet?runs=...).
@@ -290,6 +292,7 @@ export async function mount(root, route) {
       message,
       chart,
       table,
+      healthView.el,
     ),
   );
 
@@ -398,7 +401,7 @@ export async function mount(root, route) {
           const pad = 0.25 * (st.xr[1] - st.xr[0]);
           let [lo, hi] = [st.xr[0] - pad, st.xr[1] + pad];
           if (st.x === 'samples') {
-            const kn = byId.has(id) ? derivedOf(byId.get(id)).kn : 1;
+            const kn = byId.has(id) ? derivedOf(byId.get(id)).perStep : 1;
             [lo, hi] = [Math.floor(lo / kn) - 1, Math.ceil(hi / kn)];
           }
           const params = { keys, x: apiX, max_points: MAX_POINTS, x_min: Math.max(0, lo), x_max: hi };
@@ -411,7 +414,13 @@ export async function mount(root, route) {
       );
       out = Object.fromEntries(parts.map((p, i) => [String(ids[i]), p.series]));
     } else {
-      out = (await api.metrics({ runs: ids, keys, x: apiX, max_points: MAX_POINTS })).runs;
+      // Only what the plot draws (figure_spec.json `read`, as the notebook reads): the x
+      // column and the value, 6 significant digits (hover shows 4), and the LR panel's
+      // corners (its lines are never smoothed nor marked). A sixth of the full answer's
+      // JSON to write, gzip, send and parse.
+      const { digits, drop_flat: flat } = FIGURE.read;
+      const compact = { columns: [apiX, 'value'], digits, drop_flat: flat.filter((k) => k !== st.key) };
+      out = (await api.metrics({ runs: ids, keys, x: apiX, max_points: MAX_POINTS, ...compact })).runs;
     }
     return mine === fetchSeq ? out : null;
   }
@@ -451,11 +460,12 @@ export async function mount(root, route) {
       announceDrawn({ view: 'compare', traces: 0, runs: 0, empty: true });
       chart.hidden = true;
       replace(table);
+      healthView.update([], [], st.x);
       return;
     }
     message.hidden = true;
     chart.hidden = false;
-    Plotly = Plotly || (await loadPlotly());
+    Plotly = Plotly || (await loadPlotly('basic'));
     if (stopped) return;
     const t0 = performance.now();
     const traces = buildTraces(groups, data, st);
@@ -469,13 +479,16 @@ export async function mount(root, route) {
       uirevision: `${st.x}|${st.key}|${st.logy}|${runs.map((r) => r.id).join(',')}`,
     };
     if (hasLr) layout.yaxis2 = axis({ title: { text: lr.title }, domain: lr.domain, rangemode: 'tozero' });
+    const tBuilt = performance.now();
     await Plotly.react(chart, traces, themed(layout), PLOT_CONFIG);
     if (!chartReady) {
       chartReady = true;
       chart.on('plotly_relayout', onRelayout);
     }
     renderTable();
-    announceDrawn({ view: 'compare', traces: traces.length, runs: runs.length, ms: performance.now() - t0 });
+    healthView.update(runs, groups, st.x);
+    // ms: traces built and drawn; build_ms of it the traces (bench/browser_perf.py).
+    announceDrawn({ view: 'compare', traces: traces.length, runs: runs.length, ms: performance.now() - t0, build_ms: tBuilt - t0 });
   }
 
   function renderTable() {
@@ -512,7 +525,7 @@ export async function mount(root, route) {
         if (!st.group && st.runs.length && !(st.xr && st.x === 'samples')) {
           early = fetchData(st.runs);
         }
-        loadPlotly().catch(() => {});
+        loadPlotly('basic').catch(() => {});
         await resolveRuns();
         groups = groupRuns(runs, st.baseline);
         syncControls();
@@ -594,5 +607,6 @@ export async function mount(root, route) {
     clearTimeout(liveTimer);
     clearTimeout(zoomTimer);
     purge(chart);
+    healthView.destroy();
   };
 }

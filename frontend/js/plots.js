@@ -1,25 +1,68 @@
-// Plotly, loaded once on demand from the plotly Python package (/static/vendor), and the
-// look shared by every chart.
+// Plotly, loaded once on demand, and the look shared by every chart.
+//
+// Two builds of one Plotly.js version: the full plotly.min.js of the plotly Python package
+// (4.8 MB: heatmaps, parcoords, ...) and plotly-basic.min.js (1.2 MB: scatter, bar and
+// pie on cartesian axes, vendored in frontend/vendor/, see its README). Line charts ask
+// for 'basic', which compiles and starts about 3x sooner: on a cold page load that was
+// the larger half of the compare view's first paint (docs/benchmarks.md, issue 12).
 
-let plotlyPromise = null;
+const BUNDLES = {
+  basic: '/static/vendor/plotly-basic.min.js',
+  full: '/static/vendor/plotly.min.js',
+};
+const instances = { basic: null, full: null };
+const pending = {};
 
-/** Resolve to window.Plotly, inserting its <script> the first time. */
-export function loadPlotly() {
-  if (window.Plotly) return Promise.resolve(window.Plotly);
-  if (!plotlyPromise) {
-    plotlyPromise = new Promise((resolve, reject) => {
+/**
+ * Resolve to a Plotly that can draw `build`'s traces: 'full' (the default: any trace
+ * type) or 'basic' (scatter, bar, pie), inserting its <script> the first time. A basic
+ * request takes the full build when that is already there, and falls back to it when
+ * the basic file is missing. window.Plotly is the full build once it has loaded.
+ */
+export function loadPlotly(build = 'full') {
+  if (window.Plotly && !instances.basic && !instances.full) instances.full = ownCharts(window.Plotly);
+  const ready = build === 'basic' ? instances.full || instances.basic : instances.full;
+  if (ready) return Promise.resolve(ready);
+  if (!pending[build]) {
+    pending[build] = new Promise((resolve, reject) => {
       const script = document.createElement('script');
-      script.src = '/static/vendor/plotly.min.js';
+      script.src = BUNDLES[build];
       script.async = true;
-      script.onload = () => resolve(window.Plotly);
+      script.onload = () => {
+        instances[build] = ownCharts(window.Plotly);
+        if (instances.full) window.Plotly = instances.full;
+        resolve(instances[build]);
+      };
       script.onerror = () => {
-        plotlyPromise = null;
-        reject(new Error('could not load /static/vendor/plotly.min.js'));
+        delete pending[build];
+        if (build === 'basic') loadPlotly('full').then(resolve, reject);
+        else reject(new Error(`could not load ${BUNDLES[build]}`));
       };
       document.head.append(script);
     });
   }
-  return plotlyPromise;
+  return pending[build];
+}
+
+/**
+ * A chart must be restyled and purged by the build that drew it (the two builds' d3
+ * objects do not mix): newPlot and react remember it on the chart's element.
+ */
+function ownCharts(Plotly) {
+  for (const name of ['newPlot', 'react']) {
+    const draw = Plotly[name];
+    Plotly[name] = function (gd, ...rest) {
+      const el = typeof gd === 'string' ? document.getElementById(gd) : gd;
+      if (el) el.__plotly = Plotly;
+      return draw.call(this, gd, ...rest);
+    };
+  }
+  return Plotly;
+}
+
+/** The Plotly build that drew chart element `el` (the loaded one if none did). */
+function ownerOf(el) {
+  return el.__plotly || window.Plotly;
 }
 
 // The compare figure's specification (palette, trace templates, layout), which the
@@ -81,7 +124,7 @@ DARK_QUERY?.addEventListener?.('change', () => {
     for (const k of axes) {
       for (const prop of ['gridcolor', 'zerolinecolor', 'linecolor', 'tickcolor']) update[`${k}.${prop}`] = next[k][prop];
     }
-    window.Plotly.relayout(el, update);
+    ownerOf(el).relayout(el, update);
   }
 });
 
@@ -142,5 +185,5 @@ export function log2Ticks(values) {
 
 /** Remove a plot and its listeners (views call this on unmount). */
 export function purge(el) {
-  if (window.Plotly && el) window.Plotly.purge(el);
+  if (window.Plotly && el) ownerOf(el).purge(el);
 }

@@ -5,10 +5,12 @@ reads (``read``, served from a stored ``overview``, live or a finished run's, or
 
 from store.metrics.cache import invalidate
 from store.metrics.overview import build_overviews, runs_missing_overviews
-from store.metrics.read import keys, read_series, read_since
+from store.metrics.read import SERIES_COLUMNS, Compact, keys, read_series, read_since
 from store.metrics.writer import MetricWriteError, MetricWriter, write_points
 
 __all__ = [
+    "SERIES_COLUMNS",
+    "Compact",
     "MetricWriteError",
     "MetricWriter",
     "build_overviews",

@@ -143,8 +143,9 @@ def test_zoom_rereads_the_visible_range_in_full(page, seed, ui) -> None:
     assert len(before) <= 1500 and before[-1] == 5119
     assert len([x for x in before if 1000 <= x <= 1800]) < 801
     page.evaluate(
-        "Plotly.relayout(document.getElementById('compare-chart'), "
-        "{'xaxis.range[0]': 1000, 'xaxis.range[1]': 1800})"
+        "((el) => (el.__plotly || Plotly).relayout(el, "
+        "{'xaxis.range[0]': 1000, 'xaxis.range[1]': 1800}))"
+        "(document.getElementById('compare-chart'))"
     )
     ui.wait_drawn(page, "compare", 2)  # drawn again once the range is re-read
     assert "xr=1000,1800" in page.url
