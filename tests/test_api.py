@@ -101,6 +101,7 @@ def test_create_run_stores_and_queues(client, broker_url):
     assert run["derived"] == {
         "total_batch": 128,
         "peak_lr": pytest.approx(0.2),
+        "update_batch": 128,
         "iters_per_epoch": 25,
         "total_iters": 100,
     }
@@ -401,6 +402,7 @@ def test_plan_preview_is_what_a_submit_creates(client, broker_url):
     assert base["derived"] == {
         "total_batch": 32,
         "peak_lr": pytest.approx(0.05),
+        "update_batch": 32,
         "iters_per_epoch": 100,
         "total_iters": 400,
     }
