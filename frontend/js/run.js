@@ -536,7 +536,9 @@ export async function mount(root, route) {
       margin: { l: 52, r: 12, t: panel.traces.length > 1 ? 26 : 10, b: 36 },
       showlegend: panel.traces.length > 1 && shown > 0,
       legend: { orientation: 'h', x: 0, y: 1, yanchor: 'bottom', font: { size: 11 } },
-      xaxis: axis({ title: { text: FIGURE.x_titles[st.x] } }),
+      // From the run's start on every panel: the system sampler's first point comes a few
+      // seconds in, and its panel would otherwise start there, unaligned with the others.
+      xaxis: axis({ title: { text: FIGURE.x_titles[st.x] }, rangemode: 'tozero' }),
       yaxis: axis({
         exponentformat: 'power',
         rangemode: panel.tozero ? 'tozero' : 'normal',

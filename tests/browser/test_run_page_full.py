@@ -23,7 +23,7 @@ def add_points(engine: Any, run_id: int, total: int, ipe: int) -> None:
     with MetricWriter(engine, run_id) as writer:
         for step in range(total):
             values: dict[str, float] = {"step_time": 0.02 + 0.01 * (step % 3)}
-            if step % 4 == 0:
+            if step % 4 == 0 and step >= 40:  # the sampler's first point comes seconds in
                 values.update({k: 10.0 + step for k in SYS})
             if (step + 1) % ipe == 0:
                 values.update(epoch_time=1.5, data_time=0.25, compute_time=1.1)
@@ -108,7 +108,10 @@ def test_timings_and_system_metrics_are_plotted(page, finished, ui) -> None:
     assert [t["name"] for t in epoch] == ["epoch", "data", "compute"]
     assert epoch[1]["y"] == [0.25] * 4
     util = chart(page, "sys-util")["data"]
-    assert util[0]["x"][:2] == [0, 4] and util[1]["y"][0] == 10.0
+    assert util[0]["x"][:2] == [40, 44] and util[1]["y"][0] == 10.0 + 40
+    # The system panels start at the run's start, aligned with the training panels.
+    start = "(p) => document.getElementById('chart-' + p)._fullLayout.xaxis.range[0]"
+    assert page.evaluate(start, "sys-util") <= 0 and page.evaluate(start, "step-time") <= 0
     assert chart(page, "sys-power")["data"][0]["y"][-1] == 10.0 + 316
 
 
