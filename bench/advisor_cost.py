@@ -45,9 +45,12 @@ from trainer.spec import DEFAULT_HEALTH_EVERY, DEFAULT_NOISE_EVERY, RunSpec  # n
 
 # (label, spec fields): the noise probe's three paths on the MNIST-1D CNN.
 LAYOUTS: list[tuple[str, dict[str, Any]]] = [
-    ("kn=32 k=1 n=32, the spec's default (extra pass, 8 samples)", {}),
+    ("kn=32 k=1 n=32, the spec's default (paired with the previous batch: 32 more)", {}),
     ("kn=256 k=8 n=32 (extra pass, 32 samples)", {"workers": 8, "batch_per_worker": 32}),
-    ("kn=256 k=1 n=256 (extra pass, 64 samples)", {"workers": 1, "batch_per_worker": 256}),
+    (
+        "kn=256 k=1 n=256 (paired with the previous batch: 256 more)",
+        {"workers": 1, "batch_per_worker": 256},
+    ),
     (
         "kn=1024 k=32 n=32 micro 256 (first chunk)",
         {"workers": 32, "batch_per_worker": 32, "micro_batch": 256},

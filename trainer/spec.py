@@ -81,7 +81,7 @@ MAX_TEXT = 4096
 
 DEFAULT_EPOCHS = 20
 # Measured cost at these intervals: docs/benchmarks.md (issue 13; <= 5% and <= 3%).
-DEFAULT_NOISE_EVERY = 20
+DEFAULT_NOISE_EVERY = 40
 DEFAULT_HEALTH_EVERY = 20
 MAX_PROBE_EVERY = 1_000_000
 # Goyal et al.: the LR drops /10 at epochs 30, 60 and 80 of 90.

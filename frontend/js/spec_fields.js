@@ -101,7 +101,7 @@ export const FIELDS = [
   { name: 'checkpoint', group: 'loop', kind: 'bool', default: true,
     help: 'Checkpoint each epoch (resume after a crash).' },
   // --- measurements (issue 13) ---
-  { name: 'noise_every', group: 'probe', kind: 'int', default: 20, min: 0,
+  { name: 'noise_every', group: 'probe', kind: 'int', default: 40, min: 0,
     help: 'Iterations between gradient-noise-scale measurements (0: off).' },
   { name: 'health_every', group: 'probe', kind: 'int', default: 20, min: 0,
     help: 'Iterations between layer-health measurements: dead ReLUs, norms (0: off).' },
