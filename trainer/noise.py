@@ -29,7 +29,7 @@ In the loop (:class:`NoiseProbe`), every ``spec.noise_every`` iterations:
   * one worker in one process (k = 1): the iteration's own gradient is the small batch
     (n), and one extra forward + backward over the previous iteration's batch at the same
     weights gives the big one, the mean of both (2n). Both sides are whole BN groups: a
-    cut sub-batch (the first design, n // 4, still used under DDP's k = 1 corner) is
+    cut sub-batch (the first design, n // 4) is
     normalised over fewer samples, which made |G_small|^2 too large and the |G|^2
     estimate negative on MNIST-1D runs at kn = 32.
 
