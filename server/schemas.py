@@ -462,13 +462,17 @@ def _start_hint(queue: str | None) -> str:
     return "batchlab worker --gpus none"
 
 
-class Series(BaseModel):
-    """One metric of one run, downsampled; non-finite values are null."""
+_TRIMMED = "Absent when the request's `columns` leaves it out."
 
-    step: list[int]
-    epoch: list[float | None]
-    wall_time: list[float | None]
-    value: list[float | None]
+
+class Series(BaseModel):
+    """One metric of one run, downsampled; non-finite values are null. A request with
+    ``columns=`` gets only those of the four lists (the compare view asks for two)."""
+
+    step: list[int] | None = Field(None, description=_TRIMMED)
+    epoch: list[float | None] | None = Field(None, description=_TRIMMED)
+    wall_time: list[float | None] | None = Field(None, description=_TRIMMED)
+    value: list[float | None] | None = Field(None, description=_TRIMMED)
     total: int = Field(description="Points stored before downsampling.")
 
 

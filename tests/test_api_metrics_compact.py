@@ -56,6 +56,10 @@ def test_trimmed_answer_draws_the_same_lines(client) -> None:
     for key in ("train_err", "lr"):
         assert set(trimmed[key]) == {"epoch", "value", "total"}
         assert trimmed[key]["total"] == full[key]["total"] == N
+        # The documented response model accepts the trimmed shape (OpenAPI matches).
+        from server.schemas import Series
+
+        Series.model_validate(trimmed[key], strict=True)
     # Floats rounded to 6 significant digits, no point left out, the NaN still null.
     err, ref = trimmed["train_err"], full["train_err"]
     assert len(err["value"]) == len(ref["value"]) == N
