@@ -78,6 +78,15 @@ def create_run(
     name = clean_name(name)
     if not isinstance(spec, Mapping):
         raise ValueError(f"spec: must be an object, got {type(spec).__name__}")
+    # Every lookup before the new run joins a group: a lookup autoflushes, and a run
+    # attached to a group but not yet added would be left out of that flush (SAWarning).
+    group = s.get(Group, group_id) if group_id is not None else None
+    if group_id is not None and group is None:
+        raise ValueError(f"group_id: group {group_id} not found")
+    if baseline_id is not None and s.get(Run, baseline_id) is None:
+        raise ValueError(f"baseline_id: run {baseline_id} not found")
+    if parent_id is not None and s.get(Run, parent_id) is None:
+        raise ValueError(f"parent_id: run {parent_id} not found")
     run = Run(
         uid=new_uid(),
         name=name,
@@ -92,22 +101,10 @@ def create_run(
         notes="",
         archived=False,
     )
-    if group_id is not None:
-        group = s.get(Group, group_id)
-        if group is None:
-            raise ValueError(f"group_id: group {group_id} not found")
-        # Through the relationship, so group.runs is current within this session too.
-        run.group = group
-    else:
-        run.group = None
-    if baseline_id is not None:
-        if s.get(Run, baseline_id) is None:
-            raise ValueError(f"baseline_id: run {baseline_id} not found")
-        run.baseline_id = baseline_id
-    if parent_id is not None:
-        if s.get(Run, parent_id) is None:
-            raise ValueError(f"parent_id: run {parent_id} not found")
-        run.parent_id = parent_id
+    # Through the relationship, so group.runs is current within this session too.
+    run.group = group
+    run.baseline_id = baseline_id
+    run.parent_id = parent_id
     s.add(run)
     s.flush()
     return run
