@@ -394,6 +394,29 @@ def _start_attempt(
     return run
 
 
+def _final_values(
+    status: str,
+    error: str | None,
+    diverged_step: int | None,
+    summary: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The columns a run's final status sets (worker runs and external runs alike)."""
+    if status not in FINAL_STATUSES:
+        raise ValueError(f"status: {status!r} is not one of {', '.join(sorted(FINAL_STATUSES))}")
+    values: dict[str, Any] = {
+        "status": status,
+        "finished_at": utcnow(),
+        "error": error,
+        "diverged_step": diverged_step,
+        "eta_s": None,
+    }
+    if summary is not None:
+        values["summary"] = json_safe(dict(summary))
+    if status == RunStatus.SUCCEEDED:
+        values["progress"] = 1.0
+    return values
+
+
 def mark_finished(
     s: Session,
     run_id: int,
@@ -410,19 +433,7 @@ def mark_finished(
     re-queued and started elsewhere must not overwrite it. False when it did not apply
     (already final, another attempt's, deleted).
     """
-    if status not in FINAL_STATUSES:
-        raise ValueError(f"status: {status!r} is not one of {', '.join(sorted(FINAL_STATUSES))}")
-    values: dict[str, Any] = {
-        "status": status,
-        "finished_at": utcnow(),
-        "error": error,
-        "diverged_step": diverged_step,
-        "eta_s": None,
-    }
-    if summary is not None:
-        values["summary"] = json_safe(dict(summary))
-    if status == RunStatus.SUCCEEDED:
-        values["progress"] = 1.0
+    values = _final_values(status, error, diverged_step, summary)
     if attempt is None:
         return _transition(s, run_id, ACTIVE_STATUSES, **values)
     return _transition(s, run_id, [RunStatus.RUNNING], Run.attempts == attempt, **values)
@@ -657,19 +668,7 @@ def finish_external(
     """running (or failed for lost contact: the client's word wins) -> a final status, as
     its client reports it; False when the run is already final otherwise (finished
     before, cancelled, deleted)."""
-    if status not in FINAL_STATUSES:
-        raise ValueError(f"status: {status!r} is not one of {', '.join(sorted(FINAL_STATUSES))}")
-    values: dict[str, Any] = {
-        "status": status,
-        "finished_at": utcnow(),
-        "error": error,
-        "diverged_step": diverged_step,
-        "eta_s": None,
-    }
-    if summary is not None:
-        values["summary"] = json_safe(dict(summary))
-    if status == RunStatus.SUCCEEDED:
-        values["progress"] = 1.0
+    values = _final_values(status, error, diverged_step, summary)
     if _transition(s, run_id, [RunStatus.RUNNING], _external(run_id), **values):
         return True
     return _transition(s, run_id, [RunStatus.FAILED], _external(run_id), _lost_contact(), **values)
