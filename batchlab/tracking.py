@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.files import append_durably
 from core.settings import get_settings
 
 if TYPE_CHECKING:
@@ -100,12 +101,9 @@ class Spool:
     def append(self, records: list[Record]) -> None:
         if not records:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_durably(
+            self.path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        )
         self.records += len(records)
 
     def read(self, limit: int) -> tuple[list[Record], int]:

@@ -40,6 +40,24 @@ def atomic_write_text(path: str | Path, text: str, *, fsync: bool = True) -> Pat
     return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")), fsync=fsync)
 
 
+def append_durably(path: str | Path, text: str) -> None:
+    """Append ``text`` to ``path`` and fsync it, and a new file's folder too: when this
+    returns, the lines survive a crash (spools whose lines are the only copy of points)."""
+    path = Path(path)
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if new:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def evict_lru(
     folder: str | Path, pattern: str, max_bytes: int, *, keep: Path | None = None
 ) -> list[Path]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
+from core.files import append_durably
 from store.metrics import postgres, sqlite
 from store.metrics.live import LiveOverviews
 from store.metrics.rows import Row, RunGone
@@ -317,19 +317,7 @@ def write_points(
 
 def append_spool(path: Path, rows: Sequence[Row]) -> None:
     """Append rows to a spool file as JSON lines and fsync it (and a new file's folder)."""
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps([r[1], r[2], r[3], r[4], r[5]]) + "\n" for r in rows)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if new:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    append_durably(path, "".join(json.dumps([r[1], r[2], r[3], r[4], r[5]]) + "\n" for r in rows))
 
 
 def read_spool(path: Path, run_id: int) -> list[Row]:
