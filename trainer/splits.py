@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.batches import Batch
-from trainer.loop import EpochTotals, IterationRecord
+from trainer.loop import EpochTotals, IterationRecord, _grad_norm
 from trainer.optim import set_lr
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ def train_epoch(run: _Run, epoch: int) -> bool:
             chunks.grads[j] = ()  # free it once applied
             for p, g in zip(run.params, grads, strict=True):
                 p.grad = g
-            grad_norm = _norm(grads)
+            grad_norm = _grad_norm(run.params)  # of this chunk's gradient, just set
             for probe in probes:
                 probe.before_step(it, batch.x, batch.y, grad_norm)
             opt.step()
@@ -153,9 +153,3 @@ def train_epoch(run: _Run, epoch: int) -> bool:
     batches.close()
     run._end_epoch(epoch, time.perf_counter() - t_epoch)
     return stop
-
-
-def _norm(grads: Grads) -> torch.Tensor:
-    """The global L2 norm of one chunk's gradient, on the device (no sync)."""
-    norms = torch._foreach_norm([g for g in grads if g is not None])
-    return torch.linalg.vector_norm(torch.stack(norms))
