@@ -45,6 +45,16 @@ DEFAULT_TORCH_THREADS = 0
 # whose client has not called for this long is failed "lost contact with the client"; its
 # client heartbeats every second, and one that comes back later revives it.
 DEFAULT_EXTERNAL_SILENT_S = 120.0
+# Multi-node runs (spec.nodes > 1; worker/gang.py, docs/deploy.md):
+# a gang whose nodes have not all joined within this long releases its claims and tries
+# again later (BATCHLAB_GANG_TIMEOUT_S), so two runs never each hold part of the nodes.
+DEFAULT_GANG_TIMEOUT_S = 60.0
+# A node of a gang not heard from for this long is lost: the gang fails at once and the
+# run resumes on a new gang from its checkpoint (BATCHLAB_NODE_SILENT_S).
+DEFAULT_NODE_SILENT_S = 15.0
+# The longest a collective may wait for a peer before the process fails
+# (BATCHLAB_COLLECTIVE_TIMEOUT_S): it covers the slowest rank's data loading.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
 # SQLAlchemy picks psycopg2 for a bare "postgresql://"; the project ships psycopg 3.
 _PG_PREFIXES = ("postgresql://", "postgres://")
 _PG_DRIVER = "postgresql+psycopg://"
@@ -68,6 +78,13 @@ class Settings:
     max_streams: int = DEFAULT_MAX_STREAMS  # open SSE streams; 0: no bound
     torch_threads: int = DEFAULT_TORCH_THREADS  # a worker's training threads; 0: auto
     external_silent_s: float = DEFAULT_EXTERNAL_SILENT_S  # external run's client silent
+    # The address other nodes reach this worker at (the rendezvous endpoint it publishes,
+    # torchrun's --local-addr); None: the address this host's name resolves to.
+    node_addr: str | None = None
+    rdzv_port: int = 0  # the rendezvous port a gang's first node opens; 0: any free port
+    gang_timeout_s: float = DEFAULT_GANG_TIMEOUT_S
+    node_silent_s: float = DEFAULT_NODE_SILENT_S
+    collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -101,6 +118,13 @@ class Settings:
             max_streams=int(var("BATCHLAB_MAX_STREAMS") or DEFAULT_MAX_STREAMS),
             torch_threads=int(var("BATCHLAB_TORCH_THREADS") or DEFAULT_TORCH_THREADS),
             external_silent_s=float(var("BATCHLAB_EXTERNAL_SILENT_S") or DEFAULT_EXTERNAL_SILENT_S),
+            node_addr=var("BATCHLAB_NODE_ADDR"),
+            rdzv_port=int(var("BATCHLAB_RDZV_PORT") or 0),
+            gang_timeout_s=float(var("BATCHLAB_GANG_TIMEOUT_S") or DEFAULT_GANG_TIMEOUT_S),
+            node_silent_s=float(var("BATCHLAB_NODE_SILENT_S") or DEFAULT_NODE_SILENT_S),
+            collective_timeout_s=float(
+                var("BATCHLAB_COLLECTIVE_TIMEOUT_S") or DEFAULT_COLLECTIVE_TIMEOUT_S
+            ),
         )
 
     def override(self, **values: Any) -> Settings:

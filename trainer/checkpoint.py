@@ -5,12 +5,17 @@ trajectory: model (parameters and buffers), optimizer state (momentum buffers, t
 form's last LR), completed epochs and iterations, the wall clock, every process's RNG
 states and the summary tracker. Data order needs no state: each epoch's shuffle is a
 pure function of (seed, epoch).
+
+Several nodes do not share a folder: the first process of every node writes the
+checkpoint into its node's own run folder (each holds every process's RNG states). On
+resume the processes agree on one state (:func:`agree_on_checkpoint`): the newest any of
+them holds, sent to the others when they do not all hold it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,9 +23,13 @@ from core.files import atomic_write
 from trainer import RunConfigError
 from trainer.spec import RunSpec
 
+if TYPE_CHECKING:
+    from trainer.distributed import DistContext
+
 __all__ = [
     "CHECKPOINT_NAME",
     "IGNORED_ON_RESUME",
+    "agree_on_checkpoint",
     "check_compatible",
     "load_checkpoint",
     "rng_state",
@@ -81,6 +90,54 @@ def check_compatible(saved_spec: dict[str, Any], spec: RunSpec, path: str | Path
             f"{path} was written for a different spec ({details}); resume with the same "
             "spec, or start over (resume=False / --no-resume)"
         )
+
+
+def agree_on_checkpoint(
+    path: Path | None, spec: RunSpec, ctx: DistContext
+) -> dict[str, Any] | None:
+    """The one checkpoint every process resumes from (None: all start afresh).
+
+    Each process reads its own node's ``path`` and checks it against ``spec``. In one
+    process that is the answer, with no collective. Otherwise the processes exchange
+    (iteration or -1, error): any error fails every process (the one that hit it raises
+    its own exception, the others a ``RunConfigError`` naming it) instead of leaving them
+    in the next collective; else the newest iteration wins, and when not every process
+    holds it, the lowest rank that does broadcasts its state (a node that lost its
+    folder, or whose last checkpoint is older, resumes from a peer's).
+    """
+    state, error = None, None
+    try:
+        state = load_checkpoint(path) if path is not None else None
+        if state is not None:
+            check_compatible(state["spec"], spec, path)  # type: ignore[arg-type]
+    except Exception as exc:
+        if not ctx.distributed:
+            raise
+        error = exc
+    if not ctx.distributed:
+        return state
+    import torch.distributed as dist
+
+    mine = (int(state["iteration"]) if state is not None else -1, _one_line(error))
+    seen: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(seen, mine)
+    for rank, (_, message) in enumerate(seen):
+        if message is not None:
+            if error is not None:
+                raise error
+            raise RunConfigError(f"process {rank}'s checkpoint: {message}")
+    iterations = [it for it, _ in seen]
+    newest = max(iterations)
+    if all(it == newest for it in iterations):
+        return state  # every process holds the same state (or none has one)
+    holder = iterations.index(newest)
+    box = [state if ctx.rank == holder else None]
+    dist.broadcast_object_list(box, src=holder)
+    return box[0]
+
+
+def _one_line(error: BaseException | None) -> str | None:
+    return None if error is None else f"{type(error).__name__}: {error}"
 
 
 def _extends(saved: Any, current: Any) -> bool:

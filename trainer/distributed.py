@@ -13,6 +13,11 @@ default (they would follow rank 0's workers only): each process updates its own 
 workers, and :func:`average_buffers_` averages them before evaluation and checkpoints. The
 running update is linear in the batch statistics, so the average equals the statistics of
 the virtual run, which takes the mean over all k workers' statistics in one pass.
+
+Several nodes (``spec.nodes``): torchrun's agents on N machines rendezvous, and the
+P = nodes x nproc processes form one group. Every collective waits at most
+``BATCHLAB_COLLECTIVE_TIMEOUT_S`` for its peers, so a lost node fails the others instead
+of leaving them blocked for ever.
 """
 
 # No ``from __future__ import annotations`` here: DDP checks the comm hook's annotations
@@ -28,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from core.settings import get_settings
 from trainer import RunConfigError
 
 __all__ = [
@@ -53,6 +59,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False  # we initialised the process group, so we destroy it
+    nodes: int = 1  # machines the processes run on (torchrun's agents)
 
     @property
     def distributed(self) -> bool:
@@ -61,6 +68,11 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def node_local_main(self) -> bool:
+        """The first process of its node: it writes the node's own run folder."""
+        return self.local_rank == 0
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
@@ -113,15 +125,29 @@ def init_from_env(requested_device: str) -> tuple[DistContext, torch.device]:
         # device_id binds the NCCL communicator to this process's GPU at once (no guess
         # from the current device, no extra context on GPU 0).
         extra = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend_for(device), timeout=timedelta(minutes=10), **extra)
+        # A bounded wait: when a peer (a whole node) dies, the others fail after this
+        # long instead of hanging in their next collective.
+        timeout = timedelta(seconds=get_settings().collective_timeout_s)
+        dist.init_process_group(backend=backend_for(device), timeout=timeout, **extra)
         owns = True
+    world_size = dist.get_world_size()
     ctx = DistContext(
         rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
+        world_size=world_size,
         local_rank=local_rank,
         owns_group=owns,
+        nodes=_nodes(world_size),
     )
     return ctx, device
+
+
+def _nodes(world_size: int) -> int:
+    """How many nodes torchrun started: its agents (GROUP_WORLD_SIZE), else the world over
+    the processes of one node (a launch that sets only the per-process variables)."""
+    if os.environ.get("GROUP_WORLD_SIZE"):
+        return int(os.environ["GROUP_WORLD_SIZE"])
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+    return max(1, world_size // max(per_node, 1))
 
 
 def finish(ctx: DistContext) -> None:

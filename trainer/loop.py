@@ -100,24 +100,25 @@ def fit(
     """Train ``spec``, streaming metrics to ``sink`` (closed at the end, also on errors).
 
     Inside torchrun (WORLD_SIZE > 1) every process calls ``fit``; the process group is
-    initialised here, only rank 0 writes to the sink and the checkpoint. ``run_dir``
-    holds ``checkpoint.pt`` (written at each epoch end when ``spec.checkpoint``; resumed
-    from when ``resume``). ``should_stop`` is polled about 4 times a second and at each
+    initialised here and only rank 0 writes to the sink. ``run_dir`` holds
+    ``checkpoint.pt`` (written at each epoch end when ``spec.checkpoint``, by the first
+    process of every node into that node's own ``run_dir``; resumed from when ``resume``,
+    the newest any process holds). ``should_stop`` is polled about 4 times a second and at each
     epoch end; True ends the run as cancelled (the last checkpoint is kept).
     """
     ctx: tdist.DistContext | None = None
     run: _Run | None = None
     try:
         ctx, device = tdist.init_from_env(spec.device)
-        if ctx.distributed and ctx.world_size != spec.nproc:
+        if ctx.distributed and ctx.world_size != spec.processes:
             raise RunConfigError(
-                f"nproc: the spec asks for {spec.nproc} processes, torchrun started "
-                f"{ctx.world_size}"
+                f"nproc: the spec asks for nodes x nproc = {spec.nodes} x {spec.nproc} = "
+                f"{spec.processes} processes, torchrun started {ctx.world_size}"
             )
-        if not ctx.distributed and spec.nproc > 1:
+        if not ctx.distributed and spec.processes > 1:
             warnings.warn(
-                f"nproc={spec.nproc} but not launched by torchrun: the {spec.workers} "
-                "workers run as virtual workers in one process (same updates)",
+                f"nodes={spec.nodes}, nproc={spec.nproc} but not launched by torchrun: the "
+                f"{spec.workers} workers run as virtual workers in one process (same updates)",
                 stacklevel=2,
             )
         run = _Run(
@@ -252,9 +253,9 @@ class _Run:
             samples_dropped_per_epoch=layout.samples_dropped_per_epoch,
             backward_splits=layout.backward_splits,
         )
-        state = ckpt.load_checkpoint(self.ckpt_path) if resume and self.ckpt_path else None
+        # Every process takes part (each node reads its own folder), so all start alike.
+        state = ckpt.agree_on_checkpoint(self.ckpt_path if resume else None, spec, ctx)
         if state is not None:
-            ckpt.check_compatible(state["spec"], spec, self.ckpt_path)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.start_epoch = int(state["epoch"])
@@ -334,6 +335,7 @@ class _Run:
             "tf32": self.device.type == "cuda"
             and torch.get_float32_matmul_precision() != "highest",
             "nproc": self.ctx.world_size,
+            "nodes": self.ctx.nodes,
             "params": sum(p.numel() for p in self.params),
             "train_size": layout.train_size,
             "val_size": layout.val_size,
@@ -613,7 +615,8 @@ class _Run:
 
             rngs = [None] * self.ctx.world_size
             dist.all_gather_object(rngs, rng)
-        if not self.ctx.is_main:
+        # Nodes do not share run folders: the first process of each writes its node's copy.
+        if not self.ctx.node_local_main:
             return
         assert self.ckpt_path is not None
         ckpt.save_checkpoint(

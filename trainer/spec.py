@@ -151,7 +151,15 @@ class RunSpec(BaseModel):
         1,
         ge=1,
         le=512,
-        description="Real processes (DDP) the k workers are spread over; k/nproc each.",
+        description="Real processes (DDP) per node the k workers are spread over; "
+        "k/(nodes*nproc) each.",
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Machines (batchlab workers) the run spans, nproc processes on each; "
+        "they start together as a gang (docs/deploy.md).",
     )
     micro_batch: int | None = Field(
         None,
@@ -350,6 +358,17 @@ class RunSpec(BaseModel):
             raise ValueError(f"nproc={v} must divide workers={k} (k/nproc workers per process)")
         return v
 
+    @field_validator("nodes")
+    @classmethod
+    def _nodes_divide(cls, v: int, info: ValidationInfo) -> int:
+        k, nproc = info.data.get("workers"), info.data.get("nproc")
+        if k is not None and nproc is not None and k % (v * nproc):
+            raise ValueError(
+                f"nodes*nproc = {v}*{nproc} = {v * nproc} must divide workers={k} "
+                "(the same k workers spread over every process of every node)"
+            )
+        return v
+
     @field_validator("micro_batch")
     @classmethod
     def _micro_divides(cls, v: int | None, info: ValidationInfo) -> int | None:
@@ -368,8 +387,8 @@ class RunSpec(BaseModel):
         micro = info.data.get("micro_batch")
         if (k * n) % v:
             raise ValueError(f"backward_splits={v} must divide the total batch k*n = {k * n}")
-        if info.data.get("nproc", 1) > 1:
-            raise ValueError("backward_splits > 1 runs in one process: set nproc=1")
+        if info.data.get("nproc", 1) > 1 or info.data.get("nodes", 1) > 1:
+            raise ValueError("backward_splits > 1 runs in one process: set nproc=1 and nodes=1")
         if micro is not None and micro < k * n:
             raise ValueError(
                 "backward_splits > 1 needs the whole kn in one forward pass: unset micro_batch"
@@ -481,20 +500,29 @@ class RunSpec(BaseModel):
         """
         n = self.batch_per_worker
         k, n = (self.ref_batch // n, n) if self.ref_batch % n == 0 else (1, self.ref_batch)
-        nproc = self.nproc if k % self.nproc == 0 else 1
         plain = {"warmup": "none", "backward_splits": 1}  # the paper's reference run
         return self.model_copy(
-            update={"workers": k, "batch_per_worker": n, "nproc": nproc, **plain}
+            update={"workers": k, "batch_per_worker": n, **self._spread(k), **plain}
         )
 
     def with_total_batch(self, total: int) -> RunSpec:
         """The same spec at another kn, keeping n per worker (k = total / n) when it can."""
         n = self.batch_per_worker
         k, n = (total // n, n) if total % n == 0 and total >= n else (1, total)
-        nproc = self.nproc if k % self.nproc == 0 else 1
         return RunSpec.model_validate(
-            {**self.model_dump(), "workers": k, "batch_per_worker": n, "nproc": nproc}
+            {**self.model_dump(), "workers": k, "batch_per_worker": n, **self._spread(k)}
         )
+
+    def _spread(self, k: int) -> dict[str, int]:
+        """This spec's nodes and nproc for k workers, or as few as divide k."""
+        nproc = self.nproc if k % self.nproc == 0 else 1
+        nodes = self.nodes if k % (self.nodes * nproc) == 0 else 1
+        return {"nproc": nproc, "nodes": nodes}
+
+    @property
+    def processes(self) -> int:
+        """Training processes in all: nodes x nproc (each holds k / processes workers)."""
+        return self.nodes * self.nproc
 
     def summary_dict(self) -> dict[str, Any]:
         """Derived figures shown beside a run (tables, legends)."""
