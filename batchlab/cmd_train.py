@@ -109,6 +109,15 @@ def run(args: argparse.Namespace) -> int:
 
             shutil.rmtree(out, ignore_errors=True)
     out = Path(args.out)
+    if spec.nodes > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        print(
+            f"error: nodes={spec.nodes}: start this command on every node under torchrun "
+            f"(--nnodes {spec.nodes} --nproc-per-node {spec.nproc}, see "
+            "examples/slurm/train.sbatch), or queue the run on batchlab workers with "
+            "`batchlab submit`",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if spec.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _launch_torchrun(spec, out, args)
     try:

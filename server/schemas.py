@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from core.jsonsafe import finite_or_none, json_safe
 from core.status import FINAL_STATUSES, RunStatus
+from store import gang as store_gang
 from store import runs as store_runs
 from store.models import Run
 from store.runs import iso
@@ -167,6 +168,22 @@ class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
+class NodeOut(BaseModel):
+    """One node of a multi-node run's gang (``store.gang.node_to_dict``)."""
+
+    run_id: int
+    attempt: int
+    slot: int = Field(description="0 hosts the rendezvous; not the training rank.")
+    worker: str
+    host: str
+    addr: str
+    endpoint: str | None = Field(None, description="addr:port of the rendezvous (slot 0).")
+    state: Literal["waiting", "running", "exited", "failed"]
+    joined_at: str | None = None
+    beat_at: str | None = None
+    error: str | None = None
+
+
 class RunOut(_Out):
     """The Run object of docs/api.md, from a ``store.models.Run``."""
 
@@ -207,6 +224,12 @@ class RunOut(_Out):
         description="worker: queued and trained by a batchlab worker; external: registered "
         "by its own client (batchlab train --server, Client.start_run).",
     )
+    nodes: int = Field(1, description="Machines the run spans (spec.nodes).")
+    gang: list[NodeOut] = Field(
+        default_factory=list,
+        description="A multi-node run's nodes of its latest attempt (while queued: the "
+        "gang forming). Set by runs_out.",
+    )
 
     @computed_field
     @property
@@ -224,10 +247,15 @@ def runs_out(s: Session, rows: Sequence[Run]) -> list[RunOut]:
     workers' queues for all of them (none when no row is queued)."""
     queued = any(r.status == RunStatus.QUEUED for r in rows)
     live = store_runs.live_queues(s, seen_within_s=WORKER_STALE_S) if queued else set()
+    nodes = store_gang.nodes_of(s, [r.id for r in rows if (r.nodes or 1) > 1])
     outs = []
     for row in rows:
         out = RunOut.model_validate(row)
-        out.waiting_for = waiting_reason(row.status, row.queue, live)
+        gang = nodes.get(row.id, [])
+        out.gang = [NodeOut(**store_gang.node_to_dict(n)) for n in gang]
+        out.waiting_for = waiting_reason(row.status, row.queue, live) or (
+            store_gang.waiting_reason(row, gang)
+        )
         outs.append(out)
     return outs
 
@@ -512,6 +540,9 @@ class WorkerOut(BaseModel):
     active: int | None = None
     last_seen: str | None = None
     alive: bool = True
+    node: NodeOut | None = Field(
+        None, description="The slot of a multi-node run this worker holds (waiting or running)."
+    )
 
 
 class WorkersOut(BaseModel):

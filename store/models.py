@@ -149,6 +149,10 @@ class Run(Base):
     # client: batchlab train --server, Client.start_run; migration 0009). The reaper
     # never re-queues an external run: it has no broker message.
     origin: Mapped[str] = mapped_column(sa.String(16), default="worker", server_default="worker")
+    # Multi-node runs (migration 0010, store/gang.py): the spec's nodes, and the time a gang
+    # that did not fill may be joined again.
+    nodes: Mapped[int] = mapped_column(default=1, server_default="1")
+    gang_retry_at: Mapped[datetime | None] = mapped_column()
 
     group: Mapped[Group | None] = relationship(back_populates="runs", lazy="raise")
 
@@ -211,6 +215,27 @@ class WorkerBeat(Base):
         BigId, sa.ForeignKey("runs.id", ondelete="SET NULL")
     )
     last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RunNode(Base):
+    """One node of a multi-node run's attempt: the worker holding the slot, where it runs,
+    its state (``waiting`` for the gang to fill, ``running``, ``exited``, ``failed``) and
+    its last beat. Slot 0 publishes the rendezvous endpoint (``addr:port``). No foreign
+    key, like MetricPoint: ``delete_run`` removes the rows after the run."""
+
+    __tablename__ = "run_nodes"
+
+    run_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
+    attempt: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    slot: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    worker: Mapped[str] = mapped_column(sa.String(200), index=True)
+    host: Mapped[str] = mapped_column(sa.String(200))
+    addr: Mapped[str] = mapped_column(sa.String(200))
+    port: Mapped[int | None] = mapped_column()
+    state: Mapped[str] = mapped_column(sa.String(16))
+    joined_at: Mapped[datetime] = mapped_column()
+    beat_at: Mapped[datetime] = mapped_column()
+    error: Mapped[str | None] = mapped_column(sa.Text)
 
 
 class RunLog(Base):

@@ -37,6 +37,7 @@ from store.models import (
     Group,
     MetricPoint,
     Run,
+    RunNode,
     SeriesOverview,
     WorkerBeat,
     new_uid,
@@ -100,6 +101,7 @@ def create_run(
         tags=[],
         notes="",
         archived=False,
+        nodes=_nodes_of(spec),
     )
     # Through the relationship, so group.runs is current within this session too.
     run.group = group
@@ -108,6 +110,12 @@ def create_run(
     s.add(run)
     s.flush()
     return run
+
+
+def _nodes_of(spec: Mapping[str, Any]) -> int:
+    """The spec's ``nodes`` (validated by RunSpec before a run is stored; 1 if absent)."""
+    nodes = spec.get("nodes", 1)
+    return nodes if isinstance(nodes, int) and nodes >= 1 else 1
 
 
 def get_run(s: Session, run_id: int) -> Run | None:
@@ -334,6 +342,7 @@ def delete_run(s: Session, run_id: int) -> bool:
     s.execute(sa.delete(MetricPoint).where(MetricPoint.run_id == run_id))
     s.execute(sa.delete(SeriesOverview).where(SeriesOverview.run_id == run_id))
     delete_log(s, run_id)
+    s.execute(sa.delete(RunNode).where(RunNode.run_id == run_id))
     from store.metrics import invalidate  # late: metrics imports numpy/tsdownsample
 
     invalidate(run_id)

@@ -407,26 +407,36 @@ def test_the_examples_torchrun_command_on_cpu_reports_from_rank_0_only(
     app: Any, server: str, tmp_path: Path
 ) -> None:
     """The examples' command (c10d rendezvous, batchlab train --server) on this machine:
-    one node, two CPU processes; one run registered, every point stored once."""
+    two nodes of one CPU process each, as two torchrun agents on loopback with their own
+    output folders; one run registered, every point stored once."""
     import os
     import sys
 
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump(TINY))
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=test-job",
-        "-m", "batchlab.cli", "train", str(spec), "--set", "nproc=2",
-        "--out", str(tmp_path / "out"), "--server", "--name", "ddp", "--no-progress",
-    ]  # fmt: skip
-    env = {**os.environ, "BATCHLAB_URL": server, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
+    endpoint = f"127.0.0.1:{free_port()}"
+
+    def node(i: int) -> subprocess.Popen[str]:
+        command = [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={endpoint}", "--rdzv-id=test-job", "--local-addr=127.0.0.1",
+            f"--rdzv-conf=is_host={int(i == 0)}",
+            "-m", "batchlab.cli", "train", str(spec), "--set", "nodes=2", "--set", "nproc=1",
+            "--out", str(tmp_path / f"out{i}"), "--server", "--name", "ddp", "--no-progress",
+        ]  # fmt: skip
+        env = {**os.environ, "BATCHLAB_URL": server, "OMP_NUM_THREADS": "1"}
+        return subprocess.Popen(
+            command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    nodes = [node(0), node(1)]
+    outputs = [p.communicate(timeout=180)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     listed = batchlab.Client(server).list_runs()
     assert [r["name"] for r in listed] == ["ddp"]  # rank 1 registered nothing
     (run,) = listed
-    assert run["status"] == "succeeded" and run["spec"]["nproc"] == 2
+    assert run["status"] == "succeeded" and run["spec"]["nodes"] == 2
     assert run["device"].endswith("x 2 processes")
     stored = points(app, run["id"])
     assert [s for k, s, _ in stored if k == "loss"] == list(range(10))

@@ -213,13 +213,15 @@ def enqueue(
     queue: str | None = None,
     engine: Any = None,
 ) -> str:
-    """Send ``batchlab.train_run(run_id)`` to the queue that fits ``spec``; the task id.
+    """Send ``batchlab.train_run(run_id)`` to the queue that fits ``spec``; the task id
+    (of the first message).
 
     ``device="auto"`` goes to ``gpu`` only while a GPU worker is registered, otherwise it
     would wait forever on a machine without one. With ``engine``, the queue is also noted
     on the run (``waiting_for`` of the API names it while no live worker serves it).
+    A multi-node run gets ``spec.nodes`` messages: one token per node its gang needs
+    (store/gang.py).
     """
-    celery_app = celery_app or app
     if queue is None:
         have_gpus = False
         if spec.device == "auto":
@@ -230,10 +232,30 @@ def enqueue(
         queue = queue_for(spec, have_gpus=have_gpus)
     if engine is not None:
         _record_queue(engine, run_id, queue)
+    return send_tokens(run_id, queue, copies=spec.nodes, celery_app=celery_app)[0]
+
+
+def send_tokens(
+    run_id: int,
+    queue: str,
+    *,
+    copies: int = 1,
+    countdown: float | None = None,
+    celery_app: Celery | None = None,
+) -> list[str]:
+    """Send ``copies`` messages ``batchlab.train_run(run_id)`` to ``queue``, delivered no
+    earlier than ``countdown`` seconds from now; their task ids. A multi-node run's
+    messages are tokens for its gang's nodes (worker/multinode.py)."""
+    celery_app = celery_app or app
     prepare_broker(str(celery_app.conf.broker_url))
+    ids = []
     with broker_lock:
-        result = celery_app.send_task(TASK_NAME, args=[run_id], queue=queue)
-    return str(result.id)
+        for _ in range(copies):
+            result = celery_app.send_task(
+                TASK_NAME, args=[run_id], queue=queue, countdown=countdown
+            )
+            ids.append(str(result.id))
+    return ids
 
 
 def _record_queue(engine: Any, run_id: int, queue: str) -> None:
@@ -274,17 +296,21 @@ def inspect_workers(
     records itself in the ``workers`` table every few seconds (``worker.registry``).
     Workers silent for longer than ``stale_after_s`` are listed with ``alive: false``.
     """
-    from store import db, runs
+    from core.settings import get_settings
+    from store import db, gang, runs
 
     engine = engine or db.get_engine()
     now = datetime.now(UTC)
     workers: list[dict[str, Any]] = []
     queues: set[str] = {CPU_QUEUE, GPU_QUEUE}
     with db.session(engine) as s:
+        held = gang.held(s, silent_s=get_settings().node_silent_s)
         for w in runs.list_workers(s):
             queues.update(str(q) for q in w.queues or [])
             entry = runs.worker_to_dict(w)
             entry["alive"] = (now - w.last_seen).total_seconds() <= stale_after_s
+            node = held.get(w.name)
+            entry["node"] = gang.node_to_dict(node) if node is not None else None
             workers.append(entry)
     try:
         lengths: dict[str, int] = queue_lengths(sorted(queues), celery_app=celery_app)

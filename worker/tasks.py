@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,14 @@ class ClaimFailed(RuntimeError):
 def execute(engine: Engine, run_id: int, *, worker: str, task_id: str | None = None) -> str:
     """Claim, train and finish one run; "skipped" when it was not ours to run."""
     try:
+        nodes = _nodes(engine, run_id)
+    except sa.exc.DBAPIError as exc:
+        raise ClaimFailed(error_text(exc)) from exc
+    if nodes > 1:  # this message is a token for a node of some gang (worker/multinode.py)
+        from worker import multinode
+
+        return multinode.execute(engine, run_id, worker=worker)
+    try:
         claim = _claim(engine, run_id, worker=worker, task_id=task_id)
     except sa.exc.DBAPIError as exc:
         raise ClaimFailed(error_text(exc)) from exc
@@ -179,6 +188,13 @@ def execute(engine: Engine, run_id: int, *, worker: str, task_id: str | None = N
     # A baseline of an "auto" sweep: queue its ladder now (the reconciler is the backstop).
     auto_sweep.after_run(engine, run_id)
     return outcome.status
+
+
+def _nodes(engine: Engine, run_id: int) -> int:
+    """How many nodes the run needs (1 for a deleted run: its claim then skips it)."""
+    with db.session(engine) as s:
+        run = runs.get_run(s, run_id)
+        return run.nodes if run is not None else 1
 
 
 def _claim(engine: Engine, run_id: int, *, worker: str, task_id: str | None) -> Claim | None:
@@ -345,22 +361,56 @@ def ddp_command(run_id: int, nproc: int) -> list[str]:
 def _train_ddp(
     engine: Engine, run_id: int, claim: Claim, directory: Path, runlog: RunLogWriter
 ) -> Outcome | None:
+    """torchrun on this machine; rank 0 leaves the outcome in ``result.json``."""
+    ended = run_torchrun(
+        engine, run_id, claim.attempt, ddp_command(run_id, claim.spec.nproc), directory, runlog
+    )
+    if ended.lost:
+        return None
+    if ended.result is not None:
+        return _outcome(ended.result)
+    return Outcome(RunStatus.FAILED, error=ended.error)
+
+
+@dataclass(frozen=True)
+class TorchrunEnd:
+    """How a torchrun of one attempt ended, as seen from the worker that started it."""
+
+    returncode: int | None
+    lost: bool  # the run stopped being this attempt's (finished or re-queued elsewhere)
+    result: dict[str, Any] | None  # rank 0's result.json, when rank 0 ran here
+    error: str  # the most telling line of a failure (see _ddp_error)
+    stopped_by: str | None = None  # what ``watch`` said when it stopped the run
+
+
+def run_torchrun(
+    engine: Engine,
+    run_id: int,
+    attempt: int,
+    command: list[str],
+    directory: Path,
+    runlog: RunLogWriter,
+    *,
+    env: dict[str, str] | None = None,
+    watch: Callable[[], str | None] | None = None,
+) -> TorchrunEnd:
     """Run torchrun and wait; this process heartbeats while ranks start up.
 
     Rank 0 writes points, progress and ``result.json``; on a cancel the ranks stop by
     themselves (they poll the same flag), and are terminated if they do not. Every
-    rank's output comes through one pipe into the run's log and ``ddp.log``.
+    rank's output comes through one pipe into the run's log and ``ddp.log``. ``watch``
+    (a multi-node run's gang) is asked twice a second; a reason from it stops torchrun.
     """
     directory.mkdir(parents=True, exist_ok=True)
     result_path = directory / RESULT_FILE
     result_path.unlink(missing_ok=True)
     log_path = directory / DDP_LOG_FILE
-    env = {**os.environ, "BATCHLAB_RUN_ATTEMPT": str(claim.attempt)}
-    monitor = RunMonitor(engine, run_id, attempt=claim.attempt)
+    env = {**os.environ, **(env or {}), "BATCHLAB_RUN_ATTEMPT": str(attempt)}
+    monitor = RunMonitor(engine, run_id, attempt=attempt)
     try:
         with log_path.open("ab") as log_fh:
             proc = subprocess.Popen(
-                ddp_command(run_id, claim.spec.nproc),
+                command,
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -374,25 +424,37 @@ def _train_ddp(
                 target=pump, args=(proc.stdout, runlog, log_fh), name=f"run-{run_id}-ddp-out"
             )
             reader.start()
-            _wait_ddp(proc, monitor)
+            stopped_by = _wait_ddp(proc, monitor, watch)
             reader.join(timeout=10)  # the pipe ends with the last rank
     finally:
         monitor.close()
-    if monitor.lost:
-        return None
-    if result_path.exists():
-        return _outcome(json.loads(result_path.read_text()))
-    return Outcome(RunStatus.FAILED, error=_ddp_error(proc.returncode, log_path))
+    result = json.loads(result_path.read_text()) if result_path.exists() else None
+    return TorchrunEnd(
+        returncode=proc.returncode,
+        lost=monitor.lost,
+        result=result,
+        error="" if result is not None else _ddp_error(proc.returncode, log_path),
+        stopped_by=stopped_by,
+    )
 
 
-def _wait_ddp(proc: subprocess.Popen[bytes], monitor: RunMonitor) -> None:
+def _wait_ddp(
+    proc: subprocess.Popen[bytes],
+    monitor: RunMonitor,
+    watch: Callable[[], str | None] | None = None,
+) -> str | None:
+    """Wait for torchrun; stop it when the run is lost, a cancel is not obeyed in time,
+    or ``watch`` gives a reason (returned)."""
     stop_since: float | None = None
+    stopped_by: str | None = None
     while proc.poll() is None:
         time.sleep(0.5)
-        if not (monitor.cancelled or monitor.lost):
+        if stopped_by is None and watch is not None:
+            stopped_by = watch()
+        if not (monitor.cancelled or monitor.lost or stopped_by):
             continue
         stop_since = stop_since or time.monotonic()
-        if monitor.lost or time.monotonic() - stop_since > DDP_CANCEL_GRACE_S:
+        if monitor.lost or stopped_by or time.monotonic() - stop_since > DDP_CANCEL_GRACE_S:
             # torchrun forwards SIGTERM to its ranks; the whole session goes if it hangs.
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -400,6 +462,7 @@ def _wait_ddp(proc: subprocess.Popen[bytes], monitor: RunMonitor) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+    return stopped_by
 
 
 def _ddp_error(returncode: int | None, log_path: Path) -> str:

@@ -1,0 +1,340 @@
+"""One node of a multi-node run (``spec.nodes > 1``): join a gang, meet the other nodes
+through torchrun's c10d rendezvous, train, and fail the whole gang when a node is lost.
+
+A run with ``nodes = N`` sends N messages; each is a token for one node (``store.gang``
+explains why a token joins the *oldest* gang of its queue that needs nodes). The life of
+one token on a worker:
+
+1. join: a slot in a gang (slot 0 publishes ``addr:port``, the rendezvous endpoint), or
+   no gang needs a node: the token is dropped, or sent again for the time a released gang
+   may be joined again.
+2. wait until the N slots are held (``store.gang.start`` makes the run ``running``, attempt
+   a), beating the claim; past ``BATCHLAB_GANG_TIMEOUT_S`` the gang is released (claims
+   deleted, the reason on the run) and its tokens come back later.
+3. train: ``torchrun --nnodes N --nproc-per-node P --rdzv-backend c10d --rdzv-endpoint
+   HOST:PORT --rdzv-id run-ID-a`` (slot 0 hosts the rendezvous store), ``worker.ddp_entry``
+   in each process: gloo on CPUs, NCCL on GPUs; the global rank 0 (on whichever node)
+   writes metrics, and its node records the final status.
+4. watch: every node beats its row; a node that failed or fell silent for
+   ``BATCHLAB_NODE_SILENT_S`` makes its peers stop their torchrun and ``store.gang.fail``
+   the attempt: re-queued (N new tokens; it resumes from the newest checkpoint any node of
+   the new gang holds, trainer/loop.py) or failed with the reason after the attempts
+   allowed. The collective timeout (``BATCHLAB_COLLECTIVE_TIMEOUT_S``) is the backstop for
+   a rank blocked in a collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+from sqlalchemy.engine import Engine
+
+from core.errors import format_validation_error
+from core.settings import Settings, get_settings, training_threads
+from core.status import RunStatus
+from store import db, gang, runs
+from store.models import utcnow
+from store.runs import run_dir
+from trainer.spec import RunSpec
+from worker import auto_sweep
+from worker.celery_app import CPU_QUEUE, enqueue, send_tokens
+from worker.recovery import MAX_ATTEMPTS
+from worker.runlog import RunLogWriter
+
+log = logging.getLogger(__name__)
+
+WAIT_POLL_S = 0.5
+WATCH_BEAT_S = 1.0
+# A node whose torchrun failed with no result waits this long for rank 0's node to record
+# the run's own outcome (an error raised on every rank) before it fails the gang.
+SETTLE_S = 5.0
+# After a release the gang is not joined again for this long (plus jitter): other runs of
+# the queue get the workers meanwhile.
+RETRY_JITTER_S = 5.0
+
+
+def execute(engine: Engine, run_id: int, *, worker: str) -> str:
+    """Serve one token of run ``run_id``'s queue: what became of it."""
+    settings = get_settings()
+    with db.session(engine) as s:
+        run = runs.get_run(s, run_id)
+        if run is None:
+            return "skipped"
+        queue = run.queue or CPU_QUEUE
+    addr = settings.node_addr or local_address(settings.database_url)
+    with db.session(engine) as s:
+        claim = gang.join(
+            s,
+            queue=queue,
+            worker=worker,
+            host=socket.gethostname(),
+            addr=addr,
+            rdzv_port=lambda: settings.rdzv_port or free_port(addr),
+            silent_s=settings.node_silent_s,
+        )
+    if claim is None:
+        return _defer(engine, queue)
+    log.info("run %s: node slot %s of %s (attempt %s)", claim.run_id, claim.slot, claim.nodes,
+             claim.attempt)  # fmt: skip
+    if not _wait_for_gang(engine, claim, settings):
+        return "released"
+    return _train(engine, claim, worker, settings)
+
+
+def _defer(engine: Engine, queue: str) -> str:
+    """No gang may be joined now: if one waits out a retry time, the token goes back for
+    that time; otherwise no gang needs it and it is dropped."""
+    now = utcnow()
+    with db.session(engine) as s:
+        waiting = gang.retrying(s, queue, now)
+        if waiting is None:
+            return "skipped"
+        run_id, retry_at = waiting.id, waiting.gang_retry_at
+    assert retry_at is not None
+    delay = max(0.5, (retry_at - now).total_seconds())
+    send_tokens(run_id, queue, countdown=delay)
+    return "deferred"
+
+
+def _wait_for_gang(engine: Engine, claim: gang.NodeClaim, settings: Settings) -> bool:
+    """Beat the claim until the gang starts (True), or it is released, the run leaves the
+    queue (cancelled, deleted) or this worker shuts down (False)."""
+    while True:
+        with db.session(engine) as s:
+            if not gang.beat(s, claim):
+                return False  # released by another member, or pruned as silent
+            if gang.started(s, claim) or gang.start(s, claim, silent_s=settings.node_silent_s):
+                return True
+            run = runs.get_run(s, claim.run_id)
+            if run is None or run.status != RunStatus.QUEUED:
+                gang.leave(s, claim)
+                return False
+            first = min(r.joined_at for r in gang.members(s, claim.run_id, claim.attempt))
+            now = utcnow()
+            if (now - first).total_seconds() > settings.gang_timeout_s:
+                delay = settings.gang_timeout_s / 2 + random.uniform(0, RETRY_JITTER_S)
+                released = gang.release(s, claim, retry_at=now + timedelta(seconds=delay))
+                queue = run.queue or CPU_QUEUE
+            else:
+                released = -1
+        if released == -1:
+            time.sleep(WAIT_POLL_S)
+            continue
+        if released:  # this member released it: the gang's tokens come back for its retry
+            log.info("run %s: gang not full in %.0f s; released %s claims",
+                     claim.run_id, settings.gang_timeout_s, released)  # fmt: skip
+            try:
+                send_tokens(claim.run_id, queue, copies=released, countdown=delay)
+            except Exception:  # the reconciler re-sends a queued run's lost messages
+                log.warning("run %s: sending its tokens back failed", claim.run_id, exc_info=True)
+        return False
+
+
+@dataclass
+class GangWatch:
+    """Beats this node's row and finds a lost peer; ``check`` is torchrun's ``watch``."""
+
+    engine: Engine
+    claim: gang.NodeClaim
+    silent_s: float
+    last_beat: float = 0.0
+    lost: str | None = None
+
+    def check(self) -> str | None:
+        if self.lost is not None or time.monotonic() - self.last_beat < WATCH_BEAT_S:
+            return self.lost
+        self.last_beat = time.monotonic()
+        try:
+            with db.session(self.engine) as s:
+                gang.beat(s, self.claim)
+                peer = gang.lost_peer(s, self.claim, silent_s=self.silent_s)
+                if peer is not None:
+                    what = "failed" if peer.state == gang.FAILED else "went silent"
+                    self.lost = f"{gang.describe(peer)} {what}"
+        except Exception:  # a database hiccup: the next tick tries again
+            log.warning("run %s: gang watch failed", self.claim.run_id, exc_info=True)
+        return self.lost
+
+
+class _NodeLog:
+    """The run's log as one node writes it: every line says which node it came from."""
+
+    def __init__(self, writer: RunLogWriter, prefix: str) -> None:
+        self.writer, self.prefix = writer, prefix
+
+    def write_line(self, stream: str, text: str) -> None:
+        lines = text.splitlines() or [""]
+        self.writer.write_line(stream, "\n".join(f"{self.prefix} {line}" for line in lines))
+
+
+def node_command(
+    run_id: int, spec: RunSpec, claim: gang.NodeClaim, endpoint: str, addr: str
+) -> list[str]:
+    """torchrun for this node of the gang (c10d rendezvous; slot 0 hosts its store)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(spec.nodes),
+        "--nproc-per-node",
+        str(spec.nproc),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        endpoint,
+        "--rdzv-id",
+        f"run-{run_id}-{claim.attempt}",
+        "--rdzv-conf",
+        f"is_host={int(claim.slot == 0)}",
+        "--local-addr",
+        addr,
+        "--max-restarts",
+        "0",
+        "-m",
+        "worker.ddp_entry",
+        str(run_id),
+    ]
+
+
+def _train(engine: Engine, claim: gang.NodeClaim, worker: str, settings: Settings) -> str:
+    from worker.tasks import _finish, _outcome, _store_spooled, run_torchrun
+
+    with db.session(engine) as s:
+        run = runs.get_run(s, claim.run_id)
+        rows = gang.members(s, claim.run_id, claim.attempt)
+        if run is None or not rows:
+            return "lost"
+        spec_dict, uid = dict(run.spec), run.uid or str(run.id)
+    try:
+        spec = RunSpec.model_validate(spec_dict)
+    except ValidationError as exc:  # written by another version: no gang can train it
+        error = f"invalid spec: {format_validation_error(exc)}"
+        with db.session(engine) as s:
+            runs.mark_finished(s, claim.run_id, RunStatus.FAILED, attempt=claim.attempt,
+                               error=error)  # fmt: skip
+        return RunStatus.FAILED
+    first, me = rows[0], next(r for r in rows if r.slot == claim.slot)
+    endpoint = f"{first.addr}:{first.port}"
+    directory = run_dir(uid)
+    writer = RunLogWriter(engine, claim.run_id)
+    node_log = _NodeLog(writer, f"[node {claim.slot}]")
+    node_log.write_line(
+        "log",
+        f"attempt {claim.attempt}: node {claim.slot} of {claim.nodes} on {worker} "
+        f"({me.host}, {me.addr}); rendezvous {endpoint}",
+    )
+    watch = GangWatch(engine, claim, settings.node_silent_s)
+    try:
+        ended = run_torchrun(
+            engine,
+            claim.run_id,
+            claim.attempt,
+            node_command(claim.run_id, spec, claim, endpoint, me.addr),
+            directory,
+            node_log,  # type: ignore[arg-type]
+            env=_thread_env(spec, settings),
+            watch=watch.check,
+        )
+        if ended.result is not None:  # the global rank 0 ran on this node
+            outcome = _store_spooled(engine, claim.run_id, directory, _outcome(ended.result))
+            _set_state(engine, claim, gang.EXITED)
+            _finish(engine, claim.run_id, claim.attempt, outcome, directory)
+            auto_sweep.after_run(engine, claim.run_id)
+            return str(outcome.status)
+        if ended.stopped_by:
+            node_log.write_line("log", f"stopping: {ended.stopped_by}")
+            _set_state(engine, claim, gang.EXITED)
+            return _fail_gang(engine, claim, spec, ended.stopped_by)
+        if ended.lost or ended.returncode == 0:
+            _set_state(engine, claim, gang.EXITED)
+            return "node-done"
+        reason = f"{gang.describe(me)} failed: {ended.error}"
+        node_log.write_line("error", reason)
+        _set_state(engine, claim, gang.FAILED, ended.error)
+        if _settled(engine, claim):
+            return "node-done"
+        return _fail_gang(engine, claim, spec, reason)
+    except Exception as exc:
+        log.exception("run %s: node %s failed", claim.run_id, claim.slot)
+        _set_state(engine, claim, gang.FAILED, str(exc))
+        return _fail_gang(engine, claim, spec, f"{gang.describe(me)} failed: {exc}")
+    finally:
+        writer.close()
+
+
+def _thread_env(spec: RunSpec, settings: Settings) -> dict[str, str]:
+    """torchrun gives each process one thread only with nproc > 1; a node of one process
+    trains on the usable CPUs but one, as an inline run does."""
+    if "OMP_NUM_THREADS" in os.environ or spec.nproc > 1:
+        return {}
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"OMP_NUM_THREADS": str(training_threads(settings.torch_threads, usable or 1))}
+
+
+def _set_state(engine: Engine, claim: gang.NodeClaim, state: str, error: str | None = None) -> None:
+    try:
+        with db.session(engine) as s:
+            gang.set_state(s, claim, state, error)
+    except Exception:
+        log.warning("run %s: could not record node %s as %s", claim.run_id, claim.slot, state,
+                    exc_info=True)  # fmt: skip
+
+
+def _settled(engine: Engine, claim: gang.NodeClaim) -> bool:
+    """Whether, within SETTLE_S, the attempt stopped running without this node's help
+    (rank 0's node recorded the outcome, or a peer failed the gang)."""
+    deadline = time.monotonic() + SETTLE_S
+    while time.monotonic() < deadline:
+        with db.session(engine) as s:
+            if not gang.started(s, claim):
+                return True
+        time.sleep(WAIT_POLL_S)
+    return False
+
+
+def _fail_gang(engine: Engine, claim: gang.NodeClaim, spec: RunSpec, reason: str) -> str:
+    """Fail this attempt of the gang: re-queued with new tokens, or failed for good."""
+    with db.session(engine) as s:
+        status = gang.fail(s, claim, reason=reason, max_attempts=MAX_ATTEMPTS)
+    if status is None:
+        return "node-done"  # another node (or rank 0's outcome) settled it first
+    log.warning("run %s: attempt %s of the gang ended (%s): %s", claim.run_id, claim.attempt,
+                reason, status)  # fmt: skip
+    if status == RunStatus.QUEUED:
+        try:
+            enqueue(claim.run_id, spec, engine=engine)
+        except Exception:  # the reconciler re-sends a queued run's lost messages
+            log.warning("run %s: sending the new gang's tokens failed", claim.run_id,
+                        exc_info=True)  # fmt: skip
+    return status
+
+
+def local_address(database_url: str) -> str:
+    """The address of the interface this host reaches the database through: the one the
+    other nodes, on the same network, can reach it at. Loopback for a local database."""
+    host = urlsplit(database_url).hostname
+    if not host or host in ("localhost", "127.0.0.1", "::1"):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # UDP: no packet is sent, only a route chosen
+            return str(probe.getsockname()[0])
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
+def free_port(addr: str) -> int:
+    """A port free on ``addr`` now (the rendezvous store binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((addr, 0))
+        return int(sock.getsockname()[1])
