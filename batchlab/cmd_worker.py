@@ -22,6 +22,11 @@ SQLite files in BATCHLAB_HOME). Before taking work, GPU workers prove that torch
 exactly their GPUs (a CUDA build of torch, the right count); on a mismatch they refuse
 to start and say why. --gpus none is the explicit choice of the CPU.
 
+Runs with nodes=N > 1 take N workers on N machines at once, each on the queue of the
+run's nproc: the workers form a gang through the database and meet through torchrun's
+rendezvous. --node-addr (BATCHLAB_NODE_ADDR) is the address the other machines reach
+this one at (default: this host's address on the route to the database).
+
 Ctrl-C once: finish the current runs and stop; twice: stop now (the runs are re-queued
 and resume from their last epoch checkpoint).
 
@@ -30,6 +35,7 @@ examples:
   batchlab worker --gpus 0,1           # two workers, on GPUs 0 and 1
   batchlab worker --gpus 0,1 --group   # one worker for 2-GPU runs (queue gpu2)
   batchlab worker --gpus none --queues gpu   # CPU worker also taking the gpu queue
+  batchlab worker --group --node-addr 10.0.0.5   # one node of multi-node 8-GPU runs
 """
 
 
@@ -59,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--loglevel", default="info", help="Celery log level (default: info)")
     parser.add_argument(
+        "--node-addr",
+        metavar="ADDR",
+        help="the address other nodes of a multi-node run reach this machine at "
+        "(sets BATCHLAB_NODE_ADDR for the workers)",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="print the workers and commands, start nothing"
     )
 
@@ -76,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"batchlab worker: {err}", file=sys.stderr)
         return 2
     extra = [q.strip() for q in args.queues.split(",") if q.strip()]
+    if args.node_addr:
+        os.environ["BATCHLAB_NODE_ADDR"] = args.node_addr  # the workers inherit it
     # The pid tells apart several CPU workers' node names on one host.
     plans = gpu_mod.plan_workers(
         selected, group=args.group, extra_queues=extra, tag=str(os.getpid())

@@ -246,7 +246,7 @@ def runs_out(s: Session, rows: Sequence[Run]) -> list[RunOut]:
     """``RunOut`` of each row with ``waiting_for`` filled in: one query of the live
     workers' queues for all of them (none when no row is queued)."""
     queued = any(r.status == RunStatus.QUEUED for r in rows)
-    live = store_runs.live_queues(s, seen_within_s=WORKER_STALE_S) if queued else set()
+    live = store_runs.live_workers_per_queue(s, seen_within_s=WORKER_STALE_S) if queued else {}
     nodes = store_gang.nodes_of(s, [r.id for r in rows if (r.nodes or 1) > 1])
     outs = []
     for row in rows:
@@ -254,7 +254,7 @@ def runs_out(s: Session, rows: Sequence[Run]) -> list[RunOut]:
         gang = nodes.get(row.id, [])
         out.gang = [NodeOut(**store_gang.node_to_dict(n)) for n in gang]
         out.waiting_for = waiting_reason(row.status, row.queue, live) or (
-            store_gang.waiting_reason(row, gang)
+            store_gang.waiting_reason(row, gang, live_workers=live.get(row.queue or ""))
         )
         outs.append(out)
     return outs

@@ -343,8 +343,15 @@ def held(s: Session, *, silent_s: float, now: datetime | None = None) -> dict[st
     return {row.worker: row for row in s.scalars(q)}
 
 
-def waiting_reason(run: Run, rows: Sequence[RunNode], now: datetime | None = None) -> str | None:
-    """``waiting for 2 of 4 nodes`` for a queued multi-node run (None otherwise)."""
+def waiting_reason(
+    run: Run,
+    rows: Sequence[RunNode],
+    *,
+    live_workers: int | None = None,
+    now: datetime | None = None,
+) -> str | None:
+    """``waiting for 2 of 4 nodes`` for a queued multi-node run (None otherwise), with why
+    when known: fewer live workers serve its queue than it needs, or it was released."""
     if run.status != RunStatus.QUEUED or (run.nodes or 1) <= 1:
         return None
     attempt = (run.attempts or 0) + 1
@@ -352,7 +359,10 @@ def waiting_reason(run: Run, rows: Sequence[RunNode], now: datetime | None = Non
     text = f"waiting for {run.nodes - claimed} of {run.nodes} nodes"
     now = now or utcnow()
     retry = run.gang_retry_at
-    if retry is not None and retry > now:
+    if live_workers is not None and live_workers < run.nodes:
+        serve = "worker serves" if live_workers == 1 else "workers serve"
+        text += f" (only {live_workers} live {serve} queue {run.queue})"
+    elif retry is not None and retry > now:
         seconds = max(1, round((retry - now).total_seconds()))
         text += f" (the gang did not fill in time; trying again in {seconds} s)"
     return text

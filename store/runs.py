@@ -821,9 +821,20 @@ def list_workers(s: Session) -> list[WorkerBeat]:
 
 def live_queues(s: Session, *, seen_within_s: float, now: datetime | None = None) -> set[str]:
     """The queues consumed by workers heard from within ``seen_within_s`` (one query)."""
+    return set(live_workers_per_queue(s, seen_within_s=seen_within_s, now=now))
+
+
+def live_workers_per_queue(
+    s: Session, *, seen_within_s: float, now: datetime | None = None
+) -> dict[str, int]:
+    """How many workers heard from within ``seen_within_s`` consume each queue."""
     cutoff = (now or utcnow()) - timedelta(seconds=seen_within_s)
     rows = s.scalars(sa.select(WorkerBeat.queues).where(WorkerBeat.last_seen >= cutoff))
-    return {str(q) for queues in rows for q in queues or []}
+    counts: dict[str, int] = {}
+    for queues in rows:
+        for q in set(queues or []):
+            counts[str(q)] = counts.get(str(q), 0) + 1
+    return counts
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ attempt (re-queued, then failed with the reason), and every change is a compare-
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import timedelta
 from typing import Any
 
@@ -91,6 +92,9 @@ def test_tokens_fill_the_oldest_gang_first_then_it_starts(engine: sa.Engine) -> 
         }
         reason = gang.waiting_reason(run_row(engine, younger), gang.nodes_of(s, [younger])[younger])
     assert reason == "waiting for 1 of 2 nodes"
+    with db.session(engine) as s:
+        short = gang.waiting_reason(run_row(engine, younger), [], live_workers=1)
+    assert short == "waiting for 2 of 2 nodes (only 1 live worker serves queue cpu)"
 
 
 def test_a_gang_ignores_other_queues_and_single_node_runs(engine: sa.Engine) -> None:
@@ -261,3 +265,49 @@ def test_a_waiting_node_lets_go_when_the_run_is_cancelled(sqlite_url: str, sent:
     with db.session(engine) as s:
         assert gang.members(s, run_id, 1) == []
     assert sent.calls == []
+
+
+def test_node_address_and_rendezvous_command() -> None:
+    from worker.multinode import local_address, node_command
+
+    assert local_address("sqlite:////tmp/x.db") == "127.0.0.1"
+    assert local_address("postgresql+psycopg://u@127.0.0.1:5432/db") == "127.0.0.1"
+    # A remote database: the address of the interface on the route to it (an IPv4 address).
+    ipaddress.IPv4Address(local_address("postgresql+psycopg://u@192.0.2.10:5432/db"))
+    from trainer.spec import RunSpec
+
+    two = RunSpec.model_validate(spec(2) | {"workers": 4, "nproc": 2})
+    claim = gang.NodeClaim(run_id=7, attempt=3, slot=1, nodes=2, worker="w")
+    cmd = node_command(7, two, claim, "10.0.0.1:29400", "10.0.0.2")
+    text = " ".join(cmd)
+    assert "--nnodes 2 --nproc-per-node 2 --rdzv-backend c10d" in text
+    assert "--rdzv-endpoint 10.0.0.1:29400 --rdzv-id run-7-3" in text
+    assert "--rdzv-conf is_host=0 --local-addr 10.0.0.2 --max-restarts 0" in text
+    assert cmd[-3:] == ["-m", "worker.ddp_entry", "7"]
+
+
+def test_batchlab_worker_node_addr_reaches_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from batchlab import cmd_worker
+    from batchlab.cli import build_parser
+    from worker import launch
+
+    seen: dict[str, str | None] = {}
+
+    class FakeSupervisor:
+        def __init__(self, plans: Any, **_: Any) -> None:
+            seen["addr"] = os.environ.get("BATCHLAB_NODE_ADDR")
+
+        def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(launch, "Supervisor", FakeSupervisor)
+    monkeypatch.delenv("BATCHLAB_NODE_ADDR", raising=False)
+    monkeypatch.setenv("BATCHLAB_BROKER_URL", "memory://")
+    args = build_parser().parse_args(["worker", "--gpus", "none", "--node-addr", "10.0.0.5"])
+    try:
+        assert cmd_worker.run(args) == 0
+    finally:
+        os.environ.pop("BATCHLAB_NODE_ADDR", None)
+    assert seen["addr"] == "10.0.0.5"

@@ -145,6 +145,7 @@ def test_two_gangs_on_three_workers_take_turns_and_match_virtual_workers(
         assert len({n.worker for n in nodes}) == 2  # two workers, one node each
         assert {n.state for n in nodes} == {"exited"}
         assert nodes[0].port and nodes[0].addr == "127.0.0.1"
+        assert run.device is not None and run.device.endswith("x 2 processes on 2 nodes")
     # Three workers, four slots: the second gang waited while the first ran.
     assert "waiting for 1 of 2 nodes" in seen, (seen, cluster.logs())
 

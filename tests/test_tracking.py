@@ -437,6 +437,6 @@ def test_the_examples_torchrun_command_on_cpu_reports_from_rank_0_only(
     assert [r["name"] for r in listed] == ["ddp"]  # rank 1 registered nothing
     (run,) = listed
     assert run["status"] == "succeeded" and run["spec"]["nodes"] == 2
-    assert run["device"].endswith("x 2 processes")
+    assert run["device"].endswith("x 2 processes on 2 nodes")
     stored = points(app, run["id"])
     assert [s for k, s, _ in stored if k == "loss"] == list(range(10))

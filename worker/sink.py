@@ -172,8 +172,10 @@ def device_text(meta: Mapping[str, Any]) -> str:
         text = report.describe()
     else:  # mps, xpu, ...: what torch calls it
         text = f"{device}, torch {report.torch_version}"
-    nproc = int(meta.get("nproc") or 1)
-    return text if nproc <= 1 else f"{text} x {nproc} processes"
+    nproc, nodes = int(meta.get("nproc") or 1), int(meta.get("nodes") or 1)
+    if nproc <= 1:
+        return text
+    return f"{text} x {nproc} processes" + (f" on {nodes} nodes" if nodes > 1 else "")
 
 
 class DbSink:
