@@ -14,6 +14,7 @@ const VIEWS = {
   compare: () => import('./compare.js'),
   sweep: () => import('./sweep.js'),
   parallel: () => import('./parallel.js'),
+  workers: () => import('./workers.js'),
 };
 
 const root = document.getElementById('view');
@@ -56,7 +57,8 @@ async function render() {
   }
 }
 
-/** The header's service light: database, broker and the workers connected. */
+/** The header's service light: database, broker and the workers connected (a link to
+ * #/workers, index.html). */
 async function pollHealth() {
   const el = document.getElementById('health');
   try {

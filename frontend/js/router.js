@@ -1,5 +1,6 @@
 // Hash routes: #/runs, #/new, #/run/12, #/compare?runs=1,2&baseline=1, #/sweep/3,
-// #/sweep (the list of sweeps and comparison groups), #/parallel?runs=1,2,3 (or ?group=3).
+// #/sweep (the list of sweeps and comparison groups), #/parallel?runs=1,2,3 (or ?group=3),
+// #/workers (the workers, queues and the nodes of multi-node runs).
 // Each view keeps its state in the query part, so a copied link reproduces the view.
 // Views update that state with replaceQuery(), which does not re-mount the view.
 

@@ -23,6 +23,7 @@ import {
 import { go, href, replaceQuery } from './router.js';
 import { debiasedEma } from './smoothing.js';
 import { heatmapGrid, heatmapLayout, heatmapTrace, linkX, parseHealthKeys, readRunStat, rowsOf, STATS as HEALTH_STATS } from './health.js';
+import { nodesTable } from './workers.js';
 
 const HISTORY_POINTS = 2000;
 // Past this many points per trace the history is re-read downsampled (memory, redraw cost).
@@ -212,6 +213,10 @@ export async function mount(root, route) {
   const errorBox = h('pre', { class: 'error-box', hidden: true });
   // Why a queued run is not taken (the API's waiting_for), e.g. no worker on its queue.
   const waitingBox = h('p', { class: 'waiting', hidden: true, style: { color: 'var(--warn)' } });
+  // A multi-node run's gang (run.gang: its latest attempt's nodes, or the gang forming).
+  const nodesBox = h('div', { class: 'table-wrap' });
+  const nodesNote = h('p', { class: 'muted small nodes-note' });
+  const nodesSection = h('div', { class: 'nodes-section', hidden: true }, h('h2', null, 'Nodes'), nodesNote, nodesBox);
   const emptyBox = h('div', { class: 'empty-state', hidden: true });
   const note = h('p', { class: 'muted small' });
   const downloads = h(
@@ -291,6 +296,7 @@ export async function mount(root, route) {
       waitingBox,
       facts,
       errorBox,
+      nodesSection,
       summary,
       h('div', { class: 'toolbar run-actions' }, downloads, checkpointLink, extendForm),
       h(
@@ -350,6 +356,11 @@ export async function mount(root, route) {
       ['started', shortTime(r.started_at) || '–'],
       ['finished', shortTime(r.finished_at) || '–'],
     ];
+    if ((r.nodes ?? spec.nodes ?? 1) > 1) {
+      const nodes = r.nodes ?? spec.nodes;
+      const nproc = spec.nproc ?? 1;
+      items.splice(1, 0, ['nodes', `${nodes} × ${nproc} process${nproc === 1 ? '' : 'es'} = ${nodes * nproc}`]);
+    }
     if (r.parent_id != null) items.push(['extends', h('a', { class: 'parent-link', href: `#/run/${r.parent_id}` }, `run ${r.parent_id}`)]);
     if (r.group_id != null) items.push(['group', h('a', { href: `#/sweep/${r.group_id}` }, `group ${r.group_id}`)]);
     if (r.baseline_id != null) items.push(['baseline', h('a', { href: `#/run/${r.baseline_id}` }, `run ${r.baseline_id}`)]);
@@ -374,6 +385,7 @@ export async function mount(root, route) {
     if (r.error) problems.push(r.error);
     errorBox.hidden = problems.length === 0;
     setText(errorBox, problems.join('\n'));
+    renderNodes(r);
     replace(
       specBox,
       h('summary', null, 'Full spec'),
@@ -381,6 +393,22 @@ export async function mount(root, route) {
     );
     renderEmpty();
     if (drawn) markDivergence();
+  }
+
+  /** A multi-node run's nodes: slot, host, worker, address, state, last beat, error. */
+  function renderNodes(r) {
+    const nodes = r.nodes ?? r.spec?.nodes ?? 1;
+    nodesSection.hidden = nodes <= 1;
+    if (nodes <= 1) return;
+    const gang = r.gang || [];
+    const attempt = gang.length ? gang[0].attempt : null;
+    let text;
+    if (!gang.length) text = r.status === STATUS.QUEUED ? `No node has joined yet (${nodes} needed).` : 'No node recorded for this run.';
+    else if (r.status === STATUS.QUEUED) text = `Attempt ${attempt}: ${gang.length} of ${nodes} nodes joined.`;
+    else text = `Attempt ${attempt}, ${nodes} nodes; slot 0 hosts the rendezvous.`;
+    setText(nodesNote, text);
+    replace(nodesBox, gang.length ? nodesTable(gang) : null);
+    nodesBox.hidden = !gang.length;
   }
 
   /** Before the first point: say why there is nothing to plot instead of empty axes. */

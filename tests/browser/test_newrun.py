@@ -146,6 +146,31 @@ def test_422_errors_show_next_to_their_field(page, service, ui) -> None:
     assert len(service.http.get("/api/runs").json()) == n_runs  # nothing was stored
 
 
+def test_nodes_field_and_the_rules_it_shares(page, ui) -> None:
+    """`nodes` sits with nproc; the preview's 422s for nodes*nproc not dividing k and for
+    backward_splits with nodes > 1 land on the rule's field and on the field just edited."""
+    ui.open(page, "#/new")
+    ui.wait_drawn(page, "new")
+    assert page.locator("fieldset.g-batch .field[data-field=nodes] input").count() == 1
+    before = ui.drawn_count(page, "new")
+    fill(page, {**SMALL, "workers": "4", "nodes": "2"})
+    ui.wait_drawn(page, "new", before + 1)  # a valid spec: the preview draws
+    page.wait_for_function("location.hash.includes('nodes=2')")
+    assert page.locator(".field.invalid").count() == 0
+
+    fill(page, {"nproc": "4"})  # 2 nodes x 4 processes = 8 do not divide k = 4
+    page.wait_for_selector(".field[data-field=nodes].invalid")
+    assert "nodes*nproc = 2*4 = 8 must divide workers=4" in field_error(page, "nodes")
+    assert "must divide workers=4" in field_error(page, "nproc")  # the field just edited
+
+    fill(page, {"nproc": "1", "nodes": "1", "backward_splits": "2"})
+    page.wait_for_selector(".field.invalid", state="detached")
+    fill(page, {"nodes": "2"})
+    page.wait_for_selector(".field[data-field=backward_splits].invalid")
+    assert "set nproc=1 and nodes=1" in field_error(page, "backward_splits")
+    assert "set nproc=1 and nodes=1" in field_error(page, "nodes")
+
+
 def _cancel(service, ids: list[int]) -> None:
     for run_id in ids:
         service.http.post(f"/api/runs/{run_id}/cancel")
