@@ -286,14 +286,27 @@ def fail(s: Session, claim: NodeClaim, *, reason: str, max_attempts: int) -> str
 
 
 def lost_peer(
-    s: Session, claim: NodeClaim, *, silent_s: float, now: datetime | None = None
+    s: Session,
+    claim: NodeClaim,
+    *,
+    silent_s: float,
+    failed_for_s: float | None = None,
+    now: datetime | None = None,
 ) -> RunNode | None:
-    """A node of this running gang that failed, or is silent for ``silent_s``."""
-    cutoff = (now or utcnow()) - timedelta(seconds=silent_s)
+    """A node of this gang that is lost: still ``running`` but silent for ``silent_s``
+    (killed, its machine gone), or, with ``failed_for_s``, ``failed`` that long ago (its
+    torchrun died while this node's ranks may wait in a collective)."""
+    now = now or utcnow()
     for row in _rows(s, claim.run_id, claim.attempt):
         if row.slot == claim.slot:
             continue
-        if row.state == FAILED or (row.state == RUNNING and row.beat_at < cutoff):
+        if row.state == RUNNING and row.beat_at < now - timedelta(seconds=silent_s):
+            return row
+        if (
+            failed_for_s is not None
+            and row.state == FAILED
+            and row.beat_at < now - timedelta(seconds=failed_for_s)
+        ):
             return row
     return None
 

@@ -153,9 +153,18 @@ def test_a_lost_node_requeues_then_fails_the_run(engine: sa.Engine) -> None:
             .where(RunNode.worker == "b")
             .values(beat_at=utcnow() - timedelta(seconds=60))
         )
+        # A peer whose torchrun failed counts as lost only when asked (the watch, after a
+        # grace); after this node's own failure only silence does (see worker/multinode.py).
+        s.execute(
+            sa.update(RunNode)
+            .where(RunNode.worker == "a")
+            .values(state="failed", beat_at=utcnow() - timedelta(seconds=20))
+        )
+        assert gang.lost_peer(s, first[1], silent_s=15) is None  # type: ignore[arg-type]
+        failed = gang.lost_peer(s, first[1], silent_s=15, failed_for_s=10)  # type: ignore[arg-type]
+        assert failed is not None and failed.worker == "a"
         lost = gang.lost_peer(s, first[0], silent_s=15)  # type: ignore[arg-type]
         assert lost is not None and gang.describe(lost) == "node 1 (host-b)"
-        assert gang.lost_peer(s, first[1], silent_s=15) is None  # type: ignore[arg-type]
         assert gang.fail(s, first[0], reason="node 1 (host-b) went silent", max_attempts=2) == (
             RunStatus.QUEUED
         )

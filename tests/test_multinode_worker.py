@@ -9,9 +9,10 @@ torchrun's c10d rendezvous at the endpoint slot 0 published, gloo carries the gr
 - two 2-node runs on three workers: no deadlock, one runs while the other shows
   "waiting for 1 of 2 nodes", both finish, and the first run's losses equal k virtual
   workers in one process;
-- kill -9 of one node mid-run: the gang fails within seconds, the run resumes from its
-  checkpoint on a new gang (the third worker, whose folder holds no checkpoint, takes the
-  state from its peer) and finishes with every point stored once.
+- kill -9 of one node mid-run (the one hosting the rendezvous): the gang fails within
+  seconds, the run resumes from its checkpoint on a new gang (the third worker, whose
+  folder holds no checkpoint, takes the state from its peer) and finishes with every
+  point stored once.
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ def test_kill_9_of_a_node_fails_the_gang_and_it_resumes_on_a_new_one(
         assert get_run(cluster.engine, run_id).status in ("queued", "running"), cluster.logs()
         time.sleep(0.1)
     early = values(cluster.engine, run_id, "loss", "wall_time")[: spec.iters_per_epoch]
-    victim = next(n for n in gang_rows(cluster.engine, run_id) if n.slot == 1).worker
+    # Slot 0: the node that hosts the rendezvous store (bench/multinode.py kills slot 1).
+    victim = next(n for n in gang_rows(cluster.engine, run_id) if n.slot == 0).worker
     cluster.workers[victim.split("@")[0]].kill()
     killed_at = time.monotonic()
     cluster.start("c")  # the new gang: the survivor and a worker with no checkpoint

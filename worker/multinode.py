@@ -54,9 +54,10 @@ log = logging.getLogger(__name__)
 
 WAIT_POLL_S = 0.5
 WATCH_BEAT_S = 1.0
-# A node whose torchrun failed with no result waits this long for rank 0's node to record
-# the run's own outcome (an error raised on every rank) before it fails the gang.
-SETTLE_S = 5.0
+# While training, a peer whose torchrun failed this long ago (and whose ranks' failure
+# did not end this node's) stops this node: its ranks may wait in a collective. Long
+# enough for rank 0 to record an error raised on every rank as the run's own outcome.
+FAILED_PEER_S = 10.0
 # After a release the gang is not joined again for this long (plus jitter): other runs of
 # the queue get the workers meanwhile.
 RETRY_JITTER_S = 5.0
@@ -156,7 +157,9 @@ class GangWatch:
         try:
             with db.session(self.engine) as s:
                 gang.beat(s, self.claim)
-                peer = gang.lost_peer(s, self.claim, silent_s=self.silent_s)
+                peer = gang.lost_peer(
+                    s, self.claim, silent_s=self.silent_s, failed_for_s=FAILED_PEER_S
+                )
                 if peer is not None:
                     what = "failed" if peer.state == gang.FAILED else "went silent"
                     self.lost = f"{gang.describe(peer)} {what}"
@@ -246,8 +249,17 @@ def _train(engine: Engine, claim: gang.NodeClaim, worker: str, settings: Setting
             watch=watch.check,
         )
         if ended.result is not None:  # the global rank 0 ran on this node
-            outcome = _store_spooled(engine, claim.run_id, directory, _outcome(ended.result))
-            _set_state(engine, claim, gang.EXITED)
+            outcome = _outcome(ended.result)
+            if outcome.status == RunStatus.FAILED:
+                # Rank 0 failed: the run's own error, unless a peer was lost (a node's death
+                # surfaces on rank 0 as a connection error).
+                _set_state(engine, claim, gang.FAILED, outcome.error)
+                peer = _lost_peer_within(engine, claim, settings, settings.node_silent_s + 2)
+                if peer is not None:
+                    return _fail_gang(engine, claim, spec, f"{peer}; {outcome.error}")
+            else:
+                _set_state(engine, claim, gang.EXITED)
+            outcome = _store_spooled(engine, claim.run_id, directory, outcome)
             _finish(engine, claim.run_id, claim.attempt, outcome, directory)
             auto_sweep.after_run(engine, claim.run_id)
             return str(outcome.status)
@@ -258,12 +270,17 @@ def _train(engine: Engine, claim: gang.NodeClaim, worker: str, settings: Setting
         if ended.lost or ended.returncode == 0:
             _set_state(engine, claim, gang.EXITED)
             return "node-done"
+        # This node's ranks failed and rank 0 is elsewhere: its node records the run's
+        # own error; a lost peer (rank 0's node, say) fails the gang; neither in time: this
+        # node fails it with its own error.
         reason = f"{gang.describe(me)} failed: {ended.error}"
         node_log.write_line("error", reason)
         _set_state(engine, claim, gang.FAILED, ended.error)
-        if _settled(engine, claim):
+        wait_s = 2 * settings.node_silent_s + 5
+        peer = _lost_peer_within(engine, claim, settings, wait_s)
+        if peer is None and not _running(engine, claim):
             return "node-done"
-        return _fail_gang(engine, claim, spec, reason)
+        return _fail_gang(engine, claim, spec, peer or reason)
     except Exception as exc:
         log.exception("run %s: node %s failed", claim.run_id, claim.slot)
         _set_state(engine, claim, gang.FAILED, str(exc))
@@ -290,16 +307,26 @@ def _set_state(engine: Engine, claim: gang.NodeClaim, state: str, error: str | N
                     exc_info=True)  # fmt: skip
 
 
-def _settled(engine: Engine, claim: gang.NodeClaim) -> bool:
-    """Whether, within SETTLE_S, the attempt stopped running without this node's help
-    (rank 0's node recorded the outcome, or a peer failed the gang)."""
-    deadline = time.monotonic() + SETTLE_S
+def _running(engine: Engine, claim: gang.NodeClaim) -> bool:
+    with db.session(engine) as s:
+        return gang.started(s, claim)
+
+
+def _lost_peer_within(
+    engine: Engine, claim: gang.NodeClaim, settings: Settings, seconds: float
+) -> str | None:
+    """Wait up to ``seconds`` for a peer to be found lost (``node 1 (host) went silent``);
+    None once the attempt stopped running (settled by another node) or time is up."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         with db.session(engine) as s:
             if not gang.started(s, claim):
-                return True
+                return None
+            peer = gang.lost_peer(s, claim, silent_s=settings.node_silent_s)
+            if peer is not None:
+                return f"{gang.describe(peer)} went silent"
         time.sleep(WAIT_POLL_S)
-    return False
+    return None
 
 
 def _fail_gang(engine: Engine, claim: gang.NodeClaim, spec: RunSpec, reason: str) -> str:
