@@ -60,12 +60,12 @@ def preview_sweep(body: SweepCreate, ctx: CtxDep) -> PlanOut:
     return PlanOut.of(body.plan(), _live_queues(ctx))
 
 
-def _live_queues(ctx: Context) -> set[str] | None:
-    """The queues live workers consume, for the plan's queue warnings; None (no queue
-    shown) when the database cannot say: a preview must not fail on it."""
+def _live_queues(ctx: Context) -> dict[str, int] | None:
+    """How many live workers consume each queue, for the plan's queue warnings; None (no
+    queue shown) when the database cannot say: a preview must not fail on it."""
     try:
         with db.session(ctx.engine) as s:
-            return store_runs.live_queues(s, seen_within_s=WORKER_STALE_S)
+            return store_runs.live_workers_per_queue(s, seen_within_s=WORKER_STALE_S)
     except sa.exc.SQLAlchemyError:
         log.warning("plan preview: could not read the workers table", exc_info=True)
         return None

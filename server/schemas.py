@@ -9,7 +9,7 @@ non-finite numbers turned into null, and FastAPI writes them with pydantic's JSO
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -456,9 +456,10 @@ class PlanOut(_Out):
     warnings: list[str]
 
     @classmethod
-    def of(cls, plan: Plan, live_queues: Collection[str] | None = None) -> PlanOut:
-        """With ``live_queues`` (the queues live workers consume), each run names the
-        queue it would go to, and a queue nobody serves adds a warning."""
+    def of(cls, plan: Plan, live_queues: Mapping[str, int] | None = None) -> PlanOut:
+        """With ``live_queues`` (how many live workers consume each queue), each run names
+        the queue it would go to, and a queue nobody serves, or fewer workers than a
+        multi-node run needs, adds a warning."""
         errors = [
             {
                 "type": "value_error",
@@ -478,6 +479,16 @@ class PlanOut(_Out):
                     f"no live worker serves queue {queue}: the run waits until one starts "
                     f"({_start_hint(queue)})"
                 )
+            for run in out.runs:
+                live = live_queues.get(run.queue or "", 0)
+                if 0 < live < run.spec.nodes:
+                    serve = "worker serves" if live == 1 else "workers serve"
+                    out.warnings.append(
+                        f"nodes={run.spec.nodes}: only {live} live {serve} queue {run.queue}; "
+                        f"the run waits until {run.spec.nodes} do (start "
+                        f"`{_start_hint(run.queue)}` on more machines, docs/deploy.md)"
+                    )
+                    break
         return out
 
 

@@ -76,21 +76,29 @@ def _forming_runs(s: Session, queue: str, now: datetime) -> list[Run]:
     return list(s.scalars(q))
 
 
-def retrying(s: Session, queue: str, now: datetime) -> Run | None:
-    """The queued multi-node run of ``queue`` whose retry time (after a release) comes
-    first, if any: a token no gang can use now goes back for that time."""
+def next_chance(
+    s: Session, queue: str, *, live_workers: int, now: datetime
+) -> tuple[int, float] | None:
+    """For a token no gang can use now: the queued multi-node run of ``queue`` that may
+    need it soonest and in how many seconds (a released gang: at its retry time; one
+    needing more nodes than ``live_workers``: ``None`` seconds, the caller's recheck);
+    None when no gang waits."""
     q = (
-        sa.select(Run)
-        .where(
-            Run.status == RunStatus.QUEUED,
-            Run.nodes > 1,
-            Run.queue == queue,
-            Run.gang_retry_at > now,
-        )
-        .order_by(Run.gang_retry_at)
-        .limit(1)
+        sa.select(Run.id, Run.nodes, Run.gang_retry_at)
+        .where(Run.status == RunStatus.QUEUED, Run.nodes > 1, Run.queue == queue)
+        .order_by(Run.id)
     )
-    return s.scalars(q).first()
+    best: tuple[int, float] | None = None
+    for run_id, nodes, retry_at in s.execute(q):
+        if retry_at is not None and retry_at > now:
+            wait = (retry_at - now).total_seconds()
+        elif nodes > live_workers:
+            wait = float("inf")  # until more workers come: the caller rechecks
+        else:
+            continue
+        if best is None or wait < best[1]:
+            best = (run_id, wait)
+    return best
 
 
 def _prune(s: Session, run_id: int, attempt: int, cutoff: datetime) -> None:
@@ -114,14 +122,19 @@ def join(
     addr: str,
     rdzv_port: Callable[[], int],
     silent_s: float,
+    live_workers: int | None = None,
     now: datetime | None = None,
 ) -> NodeClaim | None:
     """Take a slot in the oldest gang of ``queue`` that still needs nodes; None if none
     does. The first slot publishes the rendezvous endpoint ``addr:rdzv_port()``. Two
-    workers racing for one slot: the primary key lets one in, the other tries again."""
+    workers racing for one slot: the primary key lets one in, the other tries again.
+    A gang needing more nodes than ``live_workers`` could never fill: not joined (the
+    worker stays free for other runs)."""
     now = now or utcnow()
     cutoff = now - timedelta(seconds=silent_s)
     for run in _forming_runs(s, queue, now):
+        if live_workers is not None and run.nodes > live_workers:
+            continue
         attempt = (run.attempts or 0) + 1
         _prune(s, run.id, attempt, cutoff)
         rows = _rows(s, run.id, attempt)

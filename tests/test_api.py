@@ -511,6 +511,14 @@ def test_plan_preview_names_the_queue_and_warns_when_nobody_serves_it(client):
     beat(client, "gpu0@box", ["gpu"])
     auto = plan("auto")
     assert ([r["queue"] for r in auto["runs"]], auto["warnings"]) == (["gpu"], [])
+    # A 2-node run with one live worker on its queue would wait: the preview says so.
+    two = plan("cpu", nodes=2, workers=2)
+    assert two["warnings"] == [
+        "nodes=2: only 1 live worker serves queue cpu; the run waits until 2 do "
+        "(start `batchlab worker --gpus none` on more machines, docs/deploy.md)"
+    ]
+    beat(client, "cpu-2@other", ["cpu"])
+    assert plan("cpu", nodes=2, workers=2)["warnings"] == []
 
 
 def test_workers(client, broker_url):

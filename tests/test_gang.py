@@ -97,6 +97,17 @@ def test_tokens_fill_the_oldest_gang_first_then_it_starts(engine: sa.Engine) -> 
     assert short == "waiting for 2 of 2 nodes (only 1 live worker serves queue cpu)"
 
 
+def test_a_gang_too_big_for_the_live_workers_is_not_joined(engine: sa.Engine) -> None:
+    """One worker on the queue and a 2-node run: the worker must stay free for others."""
+    run_id = new_run(engine, 2)
+    assert join(engine, "a", live_workers=1) is None
+    with db.session(engine) as s:
+        assert gang.next_chance(s, "cpu", live_workers=1, now=utcnow()) == (run_id, float("inf"))
+        assert gang.next_chance(s, "cpu", live_workers=2, now=utcnow()) is None
+    claim = join(engine, "a", live_workers=2)
+    assert claim is not None and claim.run_id == run_id
+
+
 def test_a_gang_ignores_other_queues_and_single_node_runs(engine: sa.Engine) -> None:
     new_run(engine, 1)
     gpu_gang = new_run(engine, 2, queue="gpu")
@@ -131,7 +142,8 @@ def test_release_frees_the_workers_until_the_retry_time(engine: sa.Engine) -> No
         run = runs.get_run(s, big)
         assert run is not None
         assert "trying again in" in (gang.waiting_reason(run, []) or "")
-        assert gang.retrying(s, "cpu", utcnow()).id == big  # type: ignore[union-attr]
+        run_id, wait_s = gang.next_chance(s, "cpu", live_workers=5, now=utcnow()) or (0, 0)
+        assert run_id == big and 25 < wait_s <= 30
     # Meanwhile the younger gang gets the workers.
     a2, b2 = join(engine, "a"), join(engine, "b")
     assert a2 is not None and b2 is not None and {a2.run_id, b2.run_id} == {small}
@@ -230,7 +242,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> Sent:
 
 
 def test_a_gang_not_full_in_time_is_released_and_its_tokens_come_back(
-    sqlite_url: str, sent: Sent
+    sqlite_url: str, sent: Sent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from core.settings import get_settings
     from worker import multinode
@@ -244,16 +256,21 @@ def test_a_gang_not_full_in_time_is_released_and_its_tokens_come_back(
     assert multinode._wait_for_gang(engine, a, settings) is False
     assert len(sent.calls) == 1
     token_run, options = sent.calls[0]
-    assert token_run == run_id and options["copies"] == 2  # both claims' tokens
-    assert 0.15 <= options["countdown"] <= 0.15 + multinode.RETRY_JITTER_S
+    assert token_run == run_id and options["copies"] == 2  # both claims' tokens, at once
+    with db.session(engine) as s:
+        retry_at = runs.get_run(s, run_id).gang_retry_at  # type: ignore[union-attr]
+    assert retry_at is not None
+    assert 0.1 <= (retry_at - utcnow()).total_seconds() <= 0.15 + multinode.RETRY_JITTER_S
     with db.session(engine) as s:
         assert not gang.beat(s, b)  # the other member finds its claim gone and acks
         run = runs.get_run(s, run_id)
         assert run is not None and run.status == "queued"
         assert "did not fill in time" in (gang.waiting_reason(run, []) or "")
-    # A token that arrives meanwhile goes back for the retry time; none: dropped.
+    # A token that arrives meanwhile goes back to the queue after a pause (no countdown
+    # message: this worker would hold it); once no gang needs it: dropped.
+    monkeypatch.setattr(multinode, "RECHECK_S", 0.01)
     assert multinode.execute(engine, run_id, worker="c") == "deferred"
-    assert sent.calls[1][1]["countdown"] > 0 and sent.calls[1][1].get("copies", 1) == 1
+    assert sent.calls[1] == (run_id, {})
     with db.session(engine) as s:
         s.execute(sa.update(Run).values(status="cancelled"))
     assert multinode.execute(engine, run_id, worker="c") == "skipped"

@@ -240,20 +240,16 @@ def send_tokens(
     queue: str,
     *,
     copies: int = 1,
-    countdown: float | None = None,
     celery_app: Celery | None = None,
 ) -> list[str]:
-    """Send ``copies`` messages ``batchlab.train_run(run_id)`` to ``queue``, delivered no
-    earlier than ``countdown`` seconds from now; their task ids. A multi-node run's
-    messages are tokens for its gang's nodes (worker/multinode.py)."""
+    """Send ``copies`` messages ``batchlab.train_run(run_id)`` to ``queue``; their task
+    ids. A multi-node run's messages are tokens for its gang's nodes (worker/multinode.py)."""
     celery_app = celery_app or app
     prepare_broker(str(celery_app.conf.broker_url))
     ids = []
     with broker_lock:
         for _ in range(copies):
-            result = celery_app.send_task(
-                TASK_NAME, args=[run_id], queue=queue, countdown=countdown
-            )
+            result = celery_app.send_task(TASK_NAME, args=[run_id], queue=queue)
             ids.append(str(result.id))
     return ids
 

@@ -46,7 +46,7 @@ from store.models import utcnow
 from store.runs import run_dir
 from trainer.spec import RunSpec
 from worker import auto_sweep
-from worker.celery_app import CPU_QUEUE, enqueue, send_tokens
+from worker.celery_app import CPU_QUEUE, WORKER_STALE_S, enqueue, send_tokens
 from worker.recovery import MAX_ATTEMPTS
 from worker.runlog import RunLogWriter
 
@@ -58,6 +58,9 @@ WATCH_BEAT_S = 1.0
 # did not end this node's) stops this node: its ranks may wait in a collective. Long
 # enough for rank 0 to record an error raised on every rank as the run's own outcome.
 FAILED_PEER_S = 10.0
+# A token for a gang that cannot be joined yet (released, or too few live workers) goes
+# back to the queue after this pause: the worker is free for other runs in between.
+RECHECK_S = 2.0
 # After a release the gang is not joined again for this long (plus jitter): other runs of
 # the queue get the workers meanwhile.
 RETRY_JITTER_S = 5.0
@@ -73,6 +76,8 @@ def execute(engine: Engine, run_id: int, *, worker: str) -> str:
         queue = run.queue or CPU_QUEUE
     addr = settings.node_addr or local_address(settings.database_url)
     with db.session(engine) as s:
+        # This worker counts itself: it beats the workers table from its start.
+        live = runs.live_workers_per_queue(s, seen_within_s=WORKER_STALE_S).get(queue, 1)
         claim = gang.join(
             s,
             queue=queue,
@@ -81,9 +86,10 @@ def execute(engine: Engine, run_id: int, *, worker: str) -> str:
             addr=addr,
             rdzv_port=lambda: settings.rdzv_port or free_port(addr),
             silent_s=settings.node_silent_s,
+            live_workers=live,
         )
     if claim is None:
-        return _defer(engine, queue)
+        return _defer(engine, queue, live)
     log.info("run %s: node slot %s of %s (attempt %s)", claim.run_id, claim.slot, claim.nodes,
              claim.attempt)  # fmt: skip
     if not _wait_for_gang(engine, claim, settings):
@@ -91,18 +97,18 @@ def execute(engine: Engine, run_id: int, *, worker: str) -> str:
     return _train(engine, claim, worker, settings)
 
 
-def _defer(engine: Engine, queue: str) -> str:
-    """No gang may be joined now: if one waits out a retry time, the token goes back for
-    that time; otherwise no gang needs it and it is dropped."""
-    now = utcnow()
+def _defer(engine: Engine, queue: str, live_workers: int) -> str:
+    """No gang may be joined now. If one waits (out its retry time after a release, or
+    for more live workers than the queue has), the token goes back to the queue after a
+    short pause (any free worker may take it then; a countdown message would be held by
+    this worker and could not reach another); otherwise no gang needs it: dropped."""
     with db.session(engine) as s:
-        waiting = gang.retrying(s, queue, now)
-        if waiting is None:
-            return "skipped"
-        run_id, retry_at = waiting.id, waiting.gang_retry_at
-    assert retry_at is not None
-    delay = max(0.5, (retry_at - now).total_seconds())
-    send_tokens(run_id, queue, countdown=delay)
+        chance = gang.next_chance(s, queue, live_workers=live_workers, now=utcnow())
+    if chance is None:
+        return "skipped"
+    run_id, wait_s = chance
+    time.sleep(min(max(0.0, wait_s), RECHECK_S))
+    send_tokens(run_id, queue)
     return "deferred"
 
 
@@ -130,11 +136,11 @@ def _wait_for_gang(engine: Engine, claim: gang.NodeClaim, settings: Settings) ->
         if released == -1:
             time.sleep(WAIT_POLL_S)
             continue
-        if released:  # this member released it: the gang's tokens come back for its retry
+        if released:  # this member released it: the gang's tokens go back to the queue
             log.info("run %s: gang not full in %.0f s; released %s claims",
                      claim.run_id, settings.gang_timeout_s, released)  # fmt: skip
             try:
-                send_tokens(claim.run_id, queue, copies=released, countdown=delay)
+                send_tokens(claim.run_id, queue, copies=released)
             except Exception:  # the reconciler re-sends a queued run's lost messages
                 log.warning("run %s: sending its tokens back failed", claim.run_id, exc_info=True)
         return False
