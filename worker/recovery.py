@@ -247,11 +247,13 @@ def reconcile_queued(
     auto_sweep.advance_waiting(engine, enqueue=enqueue, celery_app=celery_app)
     with db.session(engine) as s:
         queued = s.execute(
-            sa.select(Run.id, Run.queue, Run.created_at).where(Run.status == RunStatus.QUEUED)
+            sa.select(Run.id, Run.queue, Run.created_at, Run.nodes).where(
+                Run.status == RunStatus.QUEUED
+            )
         ).all()
     report = ReconcileReport(at=now, queued_runs=len(queued))
     _last[str(engine.url)] = report
-    queues = sorted({CPU_QUEUE, GPU_QUEUE} | {q for _, q, _ in queued if q})
+    queues = sorted({CPU_QUEUE, GPU_QUEUE} | {q for _, q, _, _ in queued if q})
     try:
         view = in_flight(celery_app or default_app, queues, recent_s=after_s)
     except Exception as err:  # broker down: nothing can be sent now anyway
@@ -265,10 +267,10 @@ def reconcile_queued(
         for key in [k for k, at in _sent_at.items() if at <= cutoff]:
             del _sent_at[key]  # past the bound they no longer hold a run back
         recent = {rid for (url, rid) in _sent_at if url == str(engine.url)}
-    per_queue: dict[str, int] = {}
-    for _, queue, _ in queued:
-        per_queue[queue or CPU_QUEUE] = per_queue.get(queue or CPU_QUEUE, 0) + 1
-    for run_id, queue, created_at in queued:
+    per_queue: dict[str, int] = {}  # messages the queued runs should have (a gang: N)
+    for _, queue, _, nodes in queued:
+        per_queue[queue or CPU_QUEUE] = per_queue.get(queue or CPU_QUEUE, 0) + (nodes or 1)
+    for run_id, queue, created_at, _ in queued:
         if created_at > cutoff or run_id in recent:
             continue
         if view.run_ids is not None:
