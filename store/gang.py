@@ -101,6 +101,13 @@ def next_chance(
     return best
 
 
+def _lock_run(s: Session, run_id: int) -> None:
+    """Every transaction that writes ``run_nodes`` rows of other workers locks the run row
+    first (PostgreSQL; SQLite serialises writers anyway): two members starting a gang at
+    once then wait on one lock instead of each holding a row the other needs."""
+    s.execute(sa.select(Run.id).where(Run.id == run_id).with_for_update())
+
+
 def _prune(s: Session, run_id: int, attempt: int, cutoff: datetime) -> None:
     """Drop the waiting claims of workers silent since ``cutoff`` (killed while waiting)."""
     s.execute(
@@ -136,6 +143,7 @@ def join(
         if live_workers is not None and run.nodes > live_workers:
             continue
         attempt = (run.attempts or 0) + 1
+        _lock_run(s, run.id)
         _prune(s, run.id, attempt, cutoff)
         rows = _rows(s, run.id, attempt)
         mine = next((r for r in rows if r.worker == worker), None)
@@ -202,6 +210,7 @@ def start(s: Session, claim: NodeClaim, *, silent_s: float, now: datetime | None
     attempt becomes the run's. Any member may call it; one wins. A release that came
     first (``gang_retry_at`` in the future) makes it fail."""
     now = now or utcnow()
+    _lock_run(s, claim.run_id)
     _prune(s, claim.run_id, claim.attempt, now - timedelta(seconds=silent_s))
     rows = _rows(s, claim.run_id, claim.attempt)
     if len(rows) < claim.nodes:
@@ -251,7 +260,7 @@ def release(s: Session, claim: NodeClaim, *, retry_at: datetime) -> int | None:
     before ``retry_at``. How many claims it deleted (the tokens to send again), or None
     when it did not apply (started, or released by another member first)."""
     now = utcnow()
-    if not _transition(
+    if not _transition(  # the run row first, as every gang transaction (``_lock_run``)
         s,
         claim.run_id,
         [RunStatus.QUEUED],

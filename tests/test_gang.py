@@ -337,3 +337,41 @@ def test_batchlab_worker_node_addr_reaches_the_workers(monkeypatch: pytest.Monke
     finally:
         os.environ.pop("BATCHLAB_NODE_ADDR", None)
     assert seen["addr"] == "10.0.0.5"
+
+
+def test_members_starting_a_gang_at_once_never_deadlock(pg_url: str) -> None:
+    """Every member beats and tries to start the gang twice a second. On PostgreSQL two
+    of them at once once deadlocked (each held its own row and wanted the other's), and a
+    member whose start waited on the winner's lock then saw the run "not queued" and
+    walked away. Five rounds of four members released together: all see the gang start."""
+    import threading
+
+    from core.settings import get_settings
+    from worker import multinode
+
+    engine = db.get_engine(pg_url)
+    db.migrate(engine)
+    settings = get_settings()
+    for _ in range(5):
+        run_id = new_run(engine, 4)
+        claims = [join(engine, f"w{i}") for i in range(4)]
+        assert all(c is not None and c.run_id == run_id for c in claims)
+        barrier = threading.Barrier(4)
+        results: list[object] = []
+
+        def member(
+            claim: gang.NodeClaim, barrier: threading.Barrier, results: list[object]
+        ) -> None:
+            barrier.wait()
+            try:
+                results.append(multinode._wait_for_gang(engine, claim, settings))
+            except Exception as exc:  # a deadlock surfaces here
+                results.append(exc)
+
+        threads = [threading.Thread(target=member, args=(c, barrier, results)) for c in claims]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert results == [True] * 4, results
+        assert run_row(engine, run_id).status == "running"

@@ -33,6 +33,8 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
@@ -42,13 +44,16 @@ from core.errors import format_validation_error
 from core.settings import Settings, get_settings, training_threads
 from core.status import RunStatus
 from store import db, gang, runs
-from store.models import utcnow
+from store.models import RunNode, utcnow
 from store.runs import run_dir
 from trainer.spec import RunSpec
 from worker import auto_sweep
 from worker.celery_app import CPU_QUEUE, WORKER_STALE_S, enqueue, send_tokens
 from worker.recovery import MAX_ATTEMPTS
 from worker.runlog import RunLogWriter
+
+if TYPE_CHECKING:
+    from worker.tasks import TorchrunEnd
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +118,17 @@ def _defer(engine: Engine, queue: str, live_workers: int) -> str:
 
 
 def _wait_for_gang(engine: Engine, claim: gang.NodeClaim, settings: Settings) -> bool:
-    """Beat the claim until the gang starts (True), or it is released, the run leaves the
-    queue (cancelled, deleted) or this worker shuts down (False)."""
+    """Beat the claim until the gang starts (True), or it is released or the run leaves
+    the queue (cancelled, deleted): False. A warm shutdown of the worker waits for this
+    like for a run, at most ``BATCHLAB_GANG_TIMEOUT_S``."""
     while True:
-        with db.session(engine) as s:
+        with db.session(engine) as s:  # a transaction of its own: it locks only this row
             if not gang.beat(s, claim):
                 return False  # released by another member, or pruned as silent
-            if gang.started(s, claim) or gang.start(s, claim, silent_s=settings.node_silent_s):
+        with db.session(engine) as s:
+            # start waits on the run row while another member starts the gang: ask
+            # started after it, or this member would see "not queued" and walk away.
+            if gang.start(s, claim, silent_s=settings.node_silent_s) or gang.started(s, claim):
                 return True
             run = runs.get_run(s, claim.run_id)
             if run is None or run.status != RunStatus.QUEUED:
@@ -131,19 +140,16 @@ def _wait_for_gang(engine: Engine, claim: gang.NodeClaim, settings: Settings) ->
                 delay = settings.gang_timeout_s / 2 + random.uniform(0, RETRY_JITTER_S)
                 released = gang.release(s, claim, retry_at=now + timedelta(seconds=delay))
                 queue = run.queue or CPU_QUEUE
-            else:
-                released = -1
-        if released == -1:
-            time.sleep(WAIT_POLL_S)
-            continue
-        if released:  # this member released it: the gang's tokens go back to the queue
-            log.info("run %s: gang not full in %.0f s; released %s claims",
-                     claim.run_id, settings.gang_timeout_s, released)  # fmt: skip
-            try:
-                send_tokens(claim.run_id, queue, copies=released)
-            except Exception:  # the reconciler re-sends a queued run's lost messages
-                log.warning("run %s: sending its tokens back failed", claim.run_id, exc_info=True)
-        return False
+                break
+        time.sleep(WAIT_POLL_S)
+    if released:  # this member released the gang: its tokens go back to the queue
+        log.info("run %s: gang not full in %.0f s; released %s claims",
+                 claim.run_id, settings.gang_timeout_s, released)  # fmt: skip
+        try:
+            send_tokens(claim.run_id, queue, copies=released)
+        except Exception:  # the reconciler re-sends a queued run's lost messages
+            log.warning("run %s: sending its tokens back failed", claim.run_id, exc_info=True)
+    return False
 
 
 @dataclass
@@ -216,7 +222,7 @@ def node_command(
 
 
 def _train(engine: Engine, claim: gang.NodeClaim, worker: str, settings: Settings) -> str:
-    from worker.tasks import _finish, _outcome, _store_spooled, run_torchrun
+    from worker.tasks import run_torchrun
 
     with db.session(engine) as s:
         run = runs.get_run(s, claim.run_id)
@@ -250,49 +256,66 @@ def _train(engine: Engine, claim: gang.NodeClaim, worker: str, settings: Setting
             claim.attempt,
             node_command(claim.run_id, spec, claim, endpoint, me.addr),
             directory,
-            node_log,  # type: ignore[arg-type]
+            node_log,
             env=_thread_env(spec, settings),
             watch=watch.check,
         )
-        if ended.result is not None:  # the global rank 0 ran on this node
-            outcome = _outcome(ended.result)
-            if outcome.status == RunStatus.FAILED:
-                # Rank 0 failed: the run's own error, unless a peer was lost (a node's death
-                # surfaces on rank 0 as a connection error).
-                _set_state(engine, claim, gang.FAILED, outcome.error)
-                peer = _lost_peer_within(engine, claim, settings, settings.node_silent_s + 2)
-                if peer is not None:
-                    return _fail_gang(engine, claim, spec, f"{peer}; {outcome.error}")
-            else:
-                _set_state(engine, claim, gang.EXITED)
-            outcome = _store_spooled(engine, claim.run_id, directory, outcome)
-            _finish(engine, claim.run_id, claim.attempt, outcome, directory)
-            auto_sweep.after_run(engine, claim.run_id)
-            return str(outcome.status)
-        if ended.stopped_by:
-            node_log.write_line("log", f"stopping: {ended.stopped_by}")
-            _set_state(engine, claim, gang.EXITED)
-            return _fail_gang(engine, claim, spec, ended.stopped_by)
-        if ended.lost or ended.returncode == 0:
-            _set_state(engine, claim, gang.EXITED)
-            return "node-done"
-        # This node's ranks failed and rank 0 is elsewhere: its node records the run's
-        # own error; a lost peer (rank 0's node, say) fails the gang; neither in time: this
-        # node fails it with its own error.
-        reason = f"{gang.describe(me)} failed: {ended.error}"
-        node_log.write_line("error", reason)
-        _set_state(engine, claim, gang.FAILED, ended.error)
-        wait_s = 2 * settings.node_silent_s + 5
-        peer = _lost_peer_within(engine, claim, settings, wait_s)
-        if peer is None and not _running(engine, claim):
-            return "node-done"
-        return _fail_gang(engine, claim, spec, peer or reason)
+        return _conclude(engine, claim, spec, ended, me, directory, node_log, settings)
     except Exception as exc:
         log.exception("run %s: node %s failed", claim.run_id, claim.slot)
         _set_state(engine, claim, gang.FAILED, str(exc))
         return _fail_gang(engine, claim, spec, f"{gang.describe(me)} failed: {exc}")
     finally:
         writer.close()
+
+
+def _conclude(
+    engine: Engine,
+    claim: gang.NodeClaim,
+    spec: RunSpec,
+    ended: TorchrunEnd,
+    me: RunNode,
+    directory: Path,
+    node_log: _NodeLog,
+    settings: Settings,
+) -> str:
+    """What this node's torchrun ending means for the attempt, recorded; what became of
+    this token."""
+    from worker.tasks import _finish, _outcome, _store_spooled
+
+    if ended.result is not None:  # the global rank 0 ran on this node
+        outcome = _outcome(ended.result)
+        if outcome.status == RunStatus.FAILED:
+            # Rank 0 failed: the run's own error, unless a peer was lost (a node's death
+            # surfaces on rank 0 as a connection error).
+            _set_state(engine, claim, gang.FAILED, outcome.error)
+            peer = _lost_peer_within(engine, claim, settings, settings.node_silent_s + 2)
+            if peer is not None:
+                return _fail_gang(engine, claim, spec, f"{peer}; {outcome.error}")
+        else:
+            _set_state(engine, claim, gang.EXITED)
+        outcome = _store_spooled(engine, claim.run_id, directory, outcome)
+        _finish(engine, claim.run_id, claim.attempt, outcome, directory)
+        auto_sweep.after_run(engine, claim.run_id)
+        return str(outcome.status)
+    if ended.stopped_by:
+        node_log.write_line("log", f"stopping: {ended.stopped_by}")
+        _set_state(engine, claim, gang.EXITED)
+        return _fail_gang(engine, claim, spec, ended.stopped_by)
+    if ended.lost or ended.returncode == 0:
+        _set_state(engine, claim, gang.EXITED)
+        return "node-done"
+    # This node's ranks failed and rank 0 is elsewhere: its node records the run's
+    # own error; a lost peer (rank 0's node, say) fails the gang; neither in time: this
+    # node fails it with its own error.
+    reason = f"{gang.describe(me)} failed: {ended.error}"
+    node_log.write_line("error", reason)
+    _set_state(engine, claim, gang.FAILED, ended.error)
+    wait_s = 2 * settings.node_silent_s + 5
+    peer = _lost_peer_within(engine, claim, settings, wait_s)
+    if peer is None and not _running(engine, claim):
+        return "node-done"
+    return _fail_gang(engine, claim, spec, peer or reason)
 
 
 def _thread_env(spec: RunSpec, settings: Settings) -> dict[str, str]:

@@ -22,7 +22,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from sqlalchemy.engine import Engine
 
@@ -36,6 +36,12 @@ FLUSH_S = 0.5
 MAX_QUEUED = LOG_MAX_LINES
 # Loggers whose records belong to the run (Celery's own stay in the worker's log).
 RUN_LOGGERS = ("trainer", "worker", "py.warnings")
+
+
+class LineWriter(Protocol):
+    """What takes a run's output line by line: ``RunLogWriter`` or a wrapper of it."""
+
+    def write_line(self, stream: str, text: str) -> None: ...
 
 
 class RunLogWriter:
@@ -161,7 +167,7 @@ def capture(writer: RunLogWriter) -> Iterator[None]:
         err.drain()
 
 
-def pump(pipe: IO[bytes], writer: RunLogWriter, copy: IO[bytes] | None = None) -> None:
+def pump(pipe: IO[bytes], writer: LineWriter, copy: IO[bytes] | None = None) -> None:
     """Read ``pipe`` to its end (torchrun's merged output), line by line, into the log
     and into ``copy``."""
     for raw in iter(pipe.readline, b""):

@@ -46,7 +46,7 @@ from trainer.spec import RunSpec
 from worker import auto_sweep, registry
 from worker.celery_app import TASK_NAME, app
 from worker.launch import die_with_parent
-from worker.runlog import RunLogWriter, capture, pump
+from worker.runlog import LineWriter, RunLogWriter, capture, pump
 from worker.sink import SPOOL_FILE, DbSink, RunMonitor
 
 log = logging.getLogger(__name__)
@@ -389,7 +389,7 @@ def run_torchrun(
     attempt: int,
     command: list[str],
     directory: Path,
-    runlog: RunLogWriter,
+    runlog: LineWriter,
     *,
     env: dict[str, str] | None = None,
     watch: Callable[[], str | None] | None = None,
