@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 import sqlalchemy as sa  # noqa: E402
 
+from core.status import FINAL_STATUSES  # noqa: E402
 from store import db, gang, runs  # noqa: E402
 from store.logs import read_log  # noqa: E402
 from trainer.spec import RunSpec  # noqa: E402
@@ -54,7 +55,7 @@ from worker.celery_app import enqueue, make_app  # noqa: E402
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432"
 POLL_S = 0.05
-TERMINAL = ("succeeded", "failed", "cancelled", "diverged")
+TERMINAL = tuple(str(status) for status in FINAL_STATUSES)
 
 
 @contextlib.contextmanager
