@@ -36,8 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,38 +45,15 @@ sys.path.insert(0, str(ROOT))
 
 import sqlalchemy as sa  # noqa: E402
 
+from bench.scratch import scratch_pg_database  # noqa: E402
 from core.status import FINAL_STATUSES  # noqa: E402
 from store import db, gang, runs  # noqa: E402
 from store.logs import read_log  # noqa: E402
 from trainer.spec import RunSpec  # noqa: E402
 from worker.celery_app import enqueue, make_app  # noqa: E402
 
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432"
 POLL_S = 0.05
 TERMINAL = tuple(str(status) for status in FINAL_STATUSES)
-
-
-@contextlib.contextmanager
-def scratch_database() -> Iterator[str]:
-    """A new empty PostgreSQL database, dropped afterwards (as tests/conftest.py's pg_url)."""
-    name = f"batchlab_multinode_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(f"{PG_ADMIN}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{PG_ADMIN}/{name}"
-    finally:
-        db.get_engine(f"{PG_ADMIN}/{name}").dispose()
-        with admin.connect() as conn:
-            conn.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :n AND pid <> pg_backend_pid()"
-                ),
-                {"n": name},
-            )
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 class Cluster:
@@ -406,7 +381,7 @@ def main() -> None:
           f"({os.cpu_count()} CPUs)", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-multinode-") as tmp_name:
         tmp = Path(tmp_name)
-        with scratch_database() as url:
+        with scratch_pg_database("batchlab_multinode") as url:
             cluster = Cluster(tmp, url)
             try:
                 cluster.start("a")

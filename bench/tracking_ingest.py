@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432"
+from bench.scratch import scratch_pg_database  # noqa: E402
+
 KEYS = ("loss", "train_err", "lr", "samples", "grad_norm", "step_time")
 
 
@@ -54,26 +54,8 @@ def scratch_database(sqlite: bool, tmp: Path) -> Iterator[str]:
     if sqlite:
         yield f"sqlite:///{tmp / 'bench.db'}"
         return
-    name = f"batchlab_track_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(f"{PG_ADMIN}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{PG_ADMIN}/{name}"
-    finally:
-        from store import db
-
-        db.get_engine(f"{PG_ADMIN}/{name}").dispose()
-        with admin.connect() as conn:
-            conn.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :n AND pid <> pg_backend_pid()"
-                ),
-                {"n": name},
-            )
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+    with scratch_pg_database("batchlab_track") as url:
+        yield url
 
 
 @contextmanager

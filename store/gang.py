@@ -174,35 +174,25 @@ def join(
     return None
 
 
-def beat(s: Session, claim: NodeClaim, *, state: str | None = None) -> bool:
-    """This node is alive (and in ``state``); False when its row is gone (released)."""
-    values: dict[str, Any] = {"beat_at": utcnow()}
-    if state is not None:
-        values["state"] = state
-    result = s.execute(
-        sa.update(RunNode)
-        .where(
-            RunNode.run_id == claim.run_id,
-            RunNode.attempt == claim.attempt,
-            RunNode.slot == claim.slot,
-            RunNode.worker == claim.worker,
-        )
-        .values(**values)
+def _this_row(claim: NodeClaim) -> Any:
+    """The claim's own row (the worker too: a pruned slot may be someone else's now)."""
+    return sa.and_(
+        RunNode.run_id == claim.run_id,
+        RunNode.attempt == claim.attempt,
+        RunNode.slot == claim.slot,
+        RunNode.worker == claim.worker,
     )
+
+
+def beat(s: Session, claim: NodeClaim) -> bool:
+    """This node is alive; False when its row is gone (released, or pruned as silent)."""
+    result = s.execute(sa.update(RunNode).where(_this_row(claim)).values(beat_at=utcnow()))
     return result.rowcount == 1
 
 
 def set_state(s: Session, claim: NodeClaim, state: str, error: str | None = None) -> None:
-    s.execute(
-        sa.update(RunNode)
-        .where(
-            RunNode.run_id == claim.run_id,
-            RunNode.attempt == claim.attempt,
-            RunNode.slot == claim.slot,
-            RunNode.worker == claim.worker,
-        )
-        .values(state=state, error=error[:2000] if error else None, beat_at=utcnow())
-    )
+    values = {"state": state, "error": error[:2000] if error else None, "beat_at": utcnow()}
+    s.execute(sa.update(RunNode).where(_this_row(claim)).values(**values))
 
 
 def start(s: Session, claim: NodeClaim, *, silent_s: float, now: datetime | None = None) -> bool:
@@ -276,16 +266,8 @@ def release(s: Session, claim: NodeClaim, *, retry_at: datetime) -> int | None:
 
 
 def leave(s: Session, claim: NodeClaim) -> None:
-    """Give a waiting claim back (the worker stops waiting: shutdown, run cancelled)."""
-    s.execute(
-        sa.delete(RunNode).where(
-            RunNode.run_id == claim.run_id,
-            RunNode.attempt == claim.attempt,
-            RunNode.slot == claim.slot,
-            RunNode.worker == claim.worker,
-            RunNode.state == WAITING,
-        )
-    )
+    """Give a waiting claim back (the run left the queue while the gang formed)."""
+    s.execute(sa.delete(RunNode).where(_this_row(claim), RunNode.state == WAITING))
 
 
 def fail(s: Session, claim: NodeClaim, *, reason: str, max_attempts: int) -> str | None:
