@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from store.models import RunLog, utcnow
+from store.models import Run, RunLog, utcnow
 
 LOG_MAX_LINES = 10_000
 LOG_LINE_MAX_CHARS = 4_000
@@ -46,7 +46,14 @@ def append_log(
     s: Session, run_id: int, lines: Sequence[LogLine], *, max_lines: int = LOG_MAX_LINES
 ) -> int:
     """Store ``lines`` after the run's last one and drop all but the newest ``max_lines``;
-    the last ``seq`` written. Lines longer than ``LOG_LINE_MAX_CHARS`` are cut."""
+    the last ``seq`` written. Lines longer than ``LOG_LINE_MAX_CHARS`` are cut.
+
+    The nodes of a multi-node run append to one log: on PostgreSQL the run row is locked
+    first (``FOR NO KEY UPDATE``: writers of one run take turns, the metric writer's ``FOR
+    KEY SHARE`` is not blocked), so two batches never number their lines alike; SQLite
+    serialises writers anyway (a clash there is retried by the writer's next flush).
+    """
+    s.execute(sa.select(Run.id).where(Run.id == run_id).with_for_update(key_share=True))
     seq = last_seq(s, run_id)
     if not lines:
         return seq

@@ -54,6 +54,39 @@ def test_append_is_bounded_numbered_and_cut(engine: sa.Engine) -> None:
     assert texts(engine, run_id, after=7, tail=10)[0] == "line 7"
 
 
+def test_nodes_appending_to_one_log_at_once_number_lines_apart(pg_url: str) -> None:
+    """The nodes of a multi-node run write one run's log from separate processes: on
+    PostgreSQL two batches at once must not both take the next seq (a clash lost a flush)."""
+    import threading
+
+    engine = db.get_engine(pg_url)
+    db.migrate(engine)
+    run_id = create_run(engine, tiny_spec())
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def node(i: int) -> None:
+        barrier.wait()
+        for batch in range(10):
+            try:
+                with db.session(engine) as s:
+                    append_log(
+                        s, run_id, [LogLine("stdout", f"n{i} b{batch} {j}") for j in range(3)]
+                    )
+            except BaseException as exc:  # an IntegrityError on (run_id, seq)
+                errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    with db.session(engine) as s:
+        seqs = [ln["seq"] for ln in read_log(s, run_id)]
+    assert seqs == list(range(1, 4 * 10 * 3 + 1))
+
+
 def test_lines_go_with_the_run(engine: sa.Engine) -> None:
     run_id = create_run(engine, tiny_spec())
     other = create_run(engine, tiny_spec())
