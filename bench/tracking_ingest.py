@@ -202,6 +202,8 @@ class Timed:
 
 
 def _ms(xs: list[float]) -> str:
+    if len(xs) < 2:  # --repeats 1: no quartiles to give
+        return f"{xs[0] * 1e3:.3f}" if xs else "-"
     qs = statistics.quantiles(xs, n=4)
     return f"{statistics.median(xs) * 1e3:.3f} ({qs[0] * 1e3:.3f}-{qs[2] * 1e3:.3f})"
 
