@@ -158,13 +158,9 @@ def meta_of(run_dir: Path) -> dict[str, Any]:
         return json.loads(fh.readline())["meta"]
 
 
-@pytest.mark.parametrize(
-    ("nproc", "processes"),
-    [
-        pytest.param(1, 2, id="2x1"),
-        pytest.param(2, 4, id="2x2"),
-    ],
-)
+# 2 x 2 here (a node's processes reduce over loopback and across nodes at once); 2 x 1
+# and 2 x 2 through batchlab workers: tests/test_multinode_worker.py (losses and LR).
+@pytest.mark.parametrize(("nproc", "processes"), [pytest.param(2, 4, id="2x2")])
 def test_two_nodes_match_virtual_workers(tmp_path: Path, nproc: int, processes: int) -> None:
     spec = make_spec(nodes=2, nproc=nproc)
     run_dirs = [tmp_path / "node-a", tmp_path / "node-b"]

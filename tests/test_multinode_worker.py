@@ -17,7 +17,6 @@ torchrun's c10d rendezvous at the endpoint slot 0 published, gloo carries the gr
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -80,13 +79,11 @@ class Cluster:
         return "\n\n".join(f"== {n}\n{w.log_tail(60)}" for n, w in self.workers.items())
 
     def stop(self) -> None:
-        # All at once: a warm shutdown is not under test here, and one by one costs
-        # each worker's shutdown in turn.
+        # kill -9: the workers are idle by now and their shutdown is not under test here
+        # (tests/test_worker.py covers it); a warm one costs seconds per worker.
         for proc in self.workers.values():
-            if proc.proc.poll() is None:
-                proc.proc.send_signal(signal.SIGTERM)
-        for proc in self.workers.values():
-            proc.stop(timeout=5)
+            proc.kill()
+            proc.stop(timeout=1)  # closes its log; the group is gone already
 
 
 @pytest.fixture()
@@ -190,12 +187,12 @@ def test_two_gangs_on_three_workers_take_turns_and_match_virtual_workers(
 def test_kill_9_of_a_node_fails_the_gang_and_it_resumes_on_a_new_one(
     cluster: Cluster,
 ) -> None:
-    spec = node_spec(dataset_size=6000, epochs=5)
+    spec = node_spec(dataset_size=6000, epochs=4)
     run_id = cluster.submit(spec, "killed")
     for name in ("a", "b"):
         cluster.start(name)
     deadline = time.monotonic() + 180
-    while get_run(cluster.engine, run_id).progress < 0.45:  # two epoch checkpoints written
+    while get_run(cluster.engine, run_id).progress < 0.3:  # an epoch's checkpoint written
         assert time.monotonic() < deadline, cluster.logs()
         assert get_run(cluster.engine, run_id).status in ("queued", "running"), cluster.logs()
         time.sleep(0.1)
