@@ -100,9 +100,11 @@ def format_cursor(cursors: dict[str, int]) -> str:
 
 def _status_key(run: dict[str, Any]) -> tuple[Any, ...]:
     """What a new status event is sent for (a worker starting or going away changes
-    ``waiting_for``; ``device`` is recorded just after the claim)."""
+    ``waiting_for``; ``device`` is recorded just after the claim; a node's state)."""
     keys = ("status", "progress", "attempts", "waiting_for", "device")
-    return tuple(run.get(k) for k in keys)
+    # A multi-node run's nodes joining, failing or exiting change its Nodes table.
+    nodes = tuple((n["slot"], n["worker"], n["state"]) for n in run.get("gang") or ())
+    return (*(run.get(k) for k in keys), nodes)
 
 
 class RunStream:
@@ -172,7 +174,7 @@ class RunStream:
         return ServerSentEvent(data, event="status", id=format_cursor(self.cursors))
 
     def due(self, run: dict[str, Any]) -> bool:
-        """A status event is due: status, attempt, device or waiting reason changed (at
+        """A status event is due: status, attempt, device, waiting reason or a node changed (at
         once), or progress moved and the last one is ``PROGRESS_EVERY_S`` old."""
         key, last = _status_key(run), self.last_status
         if key == last:
