@@ -2,11 +2,12 @@
 
 A run with ``nodes = N`` needs N workers at once. Its broker messages are tokens: a worker
 that takes one joins the *oldest* gang of that queue that still needs nodes (``join``),
-not necessarily the run the message names, so gangs fill one at a time, oldest first, and
-two runs never each hold part of the workers while both wait (seed of a deadlock). A
-token finds no gang in need: dropped. A gang that does not fill within the timeout is
-``release``d (its claims deleted, not joined again before ``gang_retry_at``) and its
-members' tokens are sent again for that time: the workers go back to other runs.
+not necessarily the run the message names. Gangs therefore fill one at a time, oldest
+first, and two runs never each hold part of the workers while both wait for the rest. A
+gang needing more nodes than live workers serve its queue is not joined, and one that
+does not fill within the timeout is ``release``d (its claims deleted, not joined again
+before ``gang_retry_at``): either way the workers go back to other runs, and the tokens
+wait in the queue (``next_chance``; worker/multinode.py sends them back after a pause).
 
 Every change is a compare-and-set on the run row plus the ``run_nodes`` rows, as in
 ``store.runs``:
