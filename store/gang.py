@@ -361,6 +361,23 @@ def held(s: Session, *, silent_s: float, now: datetime | None = None) -> dict[st
     return {row.worker: row for row in s.scalars(q)}
 
 
+def training_run_of(s: Session, worker: str) -> int | None:
+    """The multi-node run ``worker`` trains as one of its nodes now, if any."""
+    q = (
+        sa.select(RunNode.run_id)
+        .join(Run, Run.id == RunNode.run_id)
+        .where(
+            RunNode.worker == worker,
+            RunNode.state == RUNNING,
+            Run.status == RunStatus.RUNNING,
+            Run.attempts == RunNode.attempt,
+        )
+        .order_by(RunNode.run_id.desc())
+        .limit(1)
+    )
+    return s.scalar(q)
+
+
 def waiting_reason(
     run: Run,
     rows: Sequence[RunNode],

@@ -80,6 +80,8 @@ def test_tokens_fill_the_oldest_gang_first_then_it_starts(engine: sa.Engine) -> 
         assert gang.started(s, a) and gang.started(s, b)
     run = run_row(engine, older)
     assert (run.status, run.attempts, run.worker, run.host) == ("running", 1, "a", "host-a")
+    with db.session(engine) as s:  # the workers view: b trains it too, as node 1
+        assert gang.training_run_of(s, "b") == older and gang.training_run_of(s, "z") is None
     c = join(engine, "c")
     assert c is not None and c.run_id == younger  # the next gang fills only now
     with db.session(engine) as s:

@@ -24,6 +24,7 @@ of leaving them blocked for ever.
 # against the real classes, which postponed (string) annotations would fail.
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import NoReturn
@@ -192,7 +193,13 @@ def sum_allreduce_hook(
 def wrap_ddp(model: nn.Module, ctx: DistContext, device: torch.device) -> DDP:
     """DDP over ``model`` with summed gradients and per-process buffers."""
     ids = [device.index] if device.type == "cuda" else None
-    ddp = DDP(model, device_ids=ids, broadcast_buffers=False)
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers, whose False
+        # still syncs buffers at construction; its own advice is to keep
+        # broadcast_buffers=False (rank-local BN statistics) until init_sync_buffers
+        # exists. Said once per process in every run's log otherwise.
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+        ddp = DDP(model, device_ids=ids, broadcast_buffers=False)
     ddp.register_comm_hook(None, sum_allreduce_hook)
     return ddp
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from store import db, runs
+from store import db, gang, runs
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,10 @@ class WorkerRegistry:
 
     def beat(self) -> None:
         with db.session(self.engine) as s:
-            # The run this worker trains is the one the task marked with its name; with a
-            # prefork pool the task lives in a child process, so ask the database.
-            active = runs.running_run_of(s, self.name)
+            # The run this worker trains is the one the task marked with its name (or, as a
+            # node of a multi-node run, the gang it trains in); with a prefork pool the task
+            # lives in a child process, so ask the database.
+            active = runs.running_run_of(s, self.name) or gang.training_run_of(s, self.name)
             runs.record_worker(
                 s,
                 name=self.name,
