@@ -377,3 +377,27 @@ def test_members_starting_a_gang_at_once_never_deadlock(pg_url: str) -> None:
             t.join(timeout=30)
         assert results == [True] * 4, results
         assert run_row(engine, run_id).status == "running"
+
+
+def test_a_multi_node_run_is_sent_as_one_token_per_node(sqlite_url: str) -> None:
+    """Submit, the reaper and the reconciler all send through enqueue: N messages."""
+    from trainer.spec import RunSpec
+    from worker.celery_app import enqueue
+
+    class Broker:
+        def __init__(self) -> None:
+            self.sent: list[tuple[int, str]] = []
+            self.conf = type("Conf", (), {"broker_url": "memory://"})()
+
+        def send_task(self, name: str, *, args: list[int], queue: str) -> Any:
+            self.sent.append((args[0], queue))
+            return type("Result", (), {"id": f"t{len(self.sent)}"})()
+
+    engine = db.get_engine(sqlite_url)
+    db.migrate(engine)
+    run_id = new_run(engine, 3)
+    broker = Broker()
+    three = RunSpec.model_validate(spec(3) | {"device": "cpu"})
+    assert enqueue(run_id, three, celery_app=broker, engine=engine) == "t1"  # type: ignore[arg-type]
+    assert broker.sent == [(run_id, "cpu")] * 3
+    assert run_row(engine, run_id).queue == "cpu"
