@@ -401,3 +401,17 @@ def test_a_multi_node_run_is_sent_as_one_token_per_node(sqlite_url: str) -> None
     assert enqueue(run_id, three, celery_app=broker, engine=engine) == "t1"  # type: ignore[arg-type]
     assert broker.sent == [(run_id, "cpu")] * 3
     assert run_row(engine, run_id).queue == "cpu"
+
+
+def test_a_token_met_by_a_database_outage_is_retried_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker import multinode
+    from worker.tasks import ClaimFailed
+
+    def down(*_: Any) -> Any:
+        raise sa.exc.OperationalError("SELECT 1", {}, ConnectionError("server closed"))
+
+    monkeypatch.setattr(multinode, "_join", down)
+    with pytest.raises(ClaimFailed, match="server closed"):
+        multinode.execute(None, 1, worker="w")  # type: ignore[arg-type]

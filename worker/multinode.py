@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 
@@ -72,12 +73,34 @@ RETRY_JITTER_S = 5.0
 
 
 def execute(engine: Engine, run_id: int, *, worker: str) -> str:
-    """Serve one token of run ``run_id``'s queue: what became of it."""
+    """Serve one token of run ``run_id``'s queue: what became of it. A database that
+    cannot be asked before the token is used raises ``ClaimFailed`` (the task retries)."""
+    from worker.tasks import ClaimFailed, error_text
+
+    try:
+        claim, queue, live = _join(engine, run_id, worker)
+    except sa.exc.DBAPIError as exc:
+        raise ClaimFailed(error_text(exc)) from exc
+    if claim is None:
+        return _defer(engine, queue, live) if queue is not None else "skipped"
+    log.info("run %s: node slot %s of %s (attempt %s)", claim.run_id, claim.slot, claim.nodes,
+             claim.attempt)  # fmt: skip
+    settings = get_settings()
+    if not _wait_for_gang(engine, claim, settings):
+        return "released"
+    return _train(engine, claim, worker, settings)
+
+
+def _join(
+    engine: Engine, run_id: int, worker: str
+) -> tuple[gang.NodeClaim | None, str | None, int]:
+    """A slot in the oldest gang of the token's queue (None: none may be joined now), the
+    queue (None: the token's run is gone) and how many live workers serve it."""
     settings = get_settings()
     with db.session(engine) as s:
         run = runs.get_run(s, run_id)
         if run is None:
-            return "skipped"
+            return None, None, 0
         queue = run.queue or CPU_QUEUE
     addr = settings.node_addr or local_address(settings.database_url)
     with db.session(engine) as s:
@@ -93,13 +116,7 @@ def execute(engine: Engine, run_id: int, *, worker: str) -> str:
             silent_s=settings.node_silent_s,
             live_workers=live,
         )
-    if claim is None:
-        return _defer(engine, queue, live)
-    log.info("run %s: node slot %s of %s (attempt %s)", claim.run_id, claim.slot, claim.nodes,
-             claim.attempt)  # fmt: skip
-    if not _wait_for_gang(engine, claim, settings):
-        return "released"
-    return _train(engine, claim, worker, settings)
+    return claim, queue, live
 
 
 def _defer(engine: Engine, queue: str, live_workers: int) -> str:
