@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.browser_perf import CHROMIUM, CHROMIUM_ARGS, DRAWN_RECORDER, start_server, stop  # noqa: E402
 from bench.screenshots import BASE, shoot, start_worker, stop_worker  # noqa: E402
+from core.status import ACTIVE_STATUSES  # noqa: E402
 
 
 def wait_training(http: httpx.Client, run_id: int, timeout_s: float = 180) -> None:
@@ -34,7 +35,7 @@ def wait_training(http: httpx.Client, run_id: int, timeout_s: float = 180) -> No
         run = http.get(f"/api/runs/{run_id}").json()
         if run["status"] == "running" and run["progress"] > 0.2:
             return
-        if run["status"] not in ("queued", "running"):
+        if run["status"] not in ACTIVE_STATUSES:
             raise RuntimeError(f"run {run_id} ended {run['status']}: {run['error']}")
         time.sleep(0.5)
     raise TimeoutError(f"run {run_id} not a fifth done in {timeout_s} s")
