@@ -142,3 +142,16 @@ def batchlab_home(tmp_path, monkeypatch) -> str:
     monkeypatch.delenv("BATCHLAB_BROKER_URL", raising=False)
     monkeypatch.delenv("BATCHLAB_TOKEN", raising=False)
     return str(home)
+
+
+@pytest.fixture()
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread, as torchrun gives its processes (OMP_NUM_THREADS=1): tiny
+    models run several times faster on a shared, busy CPU. Trainer tests ask for it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch  # here: the torch-free tests (other Pythons) load this file too
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

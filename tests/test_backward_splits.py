@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +28,7 @@ from trainer.spec import RunSpec
 FORWARDS = 5  # 160 training samples / kn = 32
 
 
-@pytest.fixture(autouse=True)
-def _isolated_home(batchlab_home: str) -> None:
-    """Each test gets its own BATCHLAB_HOME (data cache)."""
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("batchlab_home", "one_torch_thread")
 
 
 def tiny(**kw: Any) -> RunSpec:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from batchlab.cli import main
@@ -32,12 +30,7 @@ SPEC = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(batchlab_home: str) -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("batchlab_home", "one_torch_thread")
 
 
 @pytest.fixture()

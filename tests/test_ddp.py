@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +39,7 @@ REL_TOL = 1e-5
 STEPS = 10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(batchlab_home: str) -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's processes (OMP_NUM_THREADS=1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("batchlab_home", "one_torch_thread")
 
 
 def make_spec(**extra: Any) -> RunSpec:

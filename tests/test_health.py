@@ -4,7 +4,6 @@ mapping, hooks only on measuring iterations, and the keys of real fit() runs."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,18 +16,7 @@ from trainer.health import HealthProbe
 from trainer.sink import MemorySink
 from trainer.spec import RunSpec
 
-
-@pytest.fixture(autouse=True)
-def _isolated_home(batchlab_home: str) -> None:
-    """Each test gets its own BATCHLAB_HOME (data cache)."""
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("batchlab_home", "one_torch_thread")
 
 
 def _toy() -> nn.Sequential:

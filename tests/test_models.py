@@ -27,13 +27,7 @@ MODELS = {
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and the CI box's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _spec(model: str, norm: str = "bn_local", **extra) -> RunSpec:

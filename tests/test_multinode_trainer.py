@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +50,7 @@ exit_worker_process(0)
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(batchlab_home: str) -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the torchrun processes (OMP_NUM_THREADS=1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("batchlab_home", "one_torch_thread")
 
 
 def node_command(spec: RunSpec, spec_file: Path, run_dir: Path, port: int, host: bool) -> list:

@@ -4,7 +4,6 @@ loop's measurement paths, independence of the batch size, no effect on training,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +28,7 @@ from trainer.spec import RunSpec
 NOISE_KEYS = {"noise_scale", "noise_trace", "noise_g2"}
 
 
-@pytest.fixture(autouse=True)
-def _isolated_home(batchlab_home: str) -> None:
-    """Each test gets its own BATCHLAB_HOME (data cache)."""
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("batchlab_home", "one_torch_thread")
 
 
 # --- the estimators against a closed form --------------------------------------------------

@@ -29,13 +29,7 @@ SHAPES = {  # dims -> (input shape without batch, matching torch BN class)
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and the CI box's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomize_affine(*mods: nn.Module) -> None:

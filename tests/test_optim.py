@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pydantic
 import pytest
@@ -15,14 +14,7 @@ from trainer.norms import FilterResponseNorm, GroupedBatchNorm
 from trainer.optim import CaffeSGD, build_optimizer, decay_groups, set_lr
 from trainer.spec import RunSpec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: tiny models run several times faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # An LR sequence with a warmup ramp, a plateau and a step drop: every kind of change.

@@ -23,12 +23,7 @@ WD = 0.01
 LRS = [0.5, 2.0, 1.0]  # a change of LR between steps, as warmup makes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def net() -> nn.Sequential:
