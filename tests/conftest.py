@@ -155,3 +155,9 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def broker_url(tmp_path) -> str:
+    """A SQLite broker of the test's own (kombu's SQLAlchemy transport)."""
+    return f"sqla+sqlite:///{tmp_path / 'broker.db'}"

@@ -40,11 +40,6 @@ SPEC: dict[str, Any] = {
 
 
 @pytest.fixture()
-def broker_url(tmp_path) -> str:
-    return f"sqla+sqlite:///{tmp_path / 'broker.db'}"
-
-
-@pytest.fixture()
 def app(batchlab_home, sqlite_url, broker_url) -> Iterator[Any]:
     application = create_app(database_url=sqlite_url, broker_url=broker_url)
     yield application

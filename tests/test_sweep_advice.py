@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from test_api import SPEC as API_SPEC
 
 from server.app import create_app
 from store import db, metrics, runs
@@ -174,18 +175,8 @@ def test_ladder_refuses_a_meaningless_noise_scale(bad):
 
 # --- through the API ----------------------------------------------------------------------
 
-# 4000 MNIST-1D samples -> 3200 training samples; kn = ref_batch = 32 is the baseline.
-SPEC: dict[str, Any] = {
-    "model": "mlp",
-    "dataset": "mnist1d",
-    "dataset_size": 4000,
-    "epochs": 4,
-    "warmup_epochs": 1,
-    "batch_per_worker": 32,
-    "workers": 4,
-    "ref_batch": 32,
-    "base_lr": 0.05,
-}
+# test_api's spec: 3200 MNIST-1D training samples, kn = ref_batch = 32 is the baseline.
+SPEC: dict[str, Any] = API_SPEC
 
 
 @pytest.fixture()

@@ -17,6 +17,7 @@ import yaml
 from alembic import command
 from fastapi.testclient import TestClient
 from support import serve_app
+from test_api import SPEC as API_SPEC
 
 import batchlab
 from batchlab.cli import main
@@ -28,24 +29,8 @@ from trainer.spec import RunSpec
 from worker import auto_sweep, recovery, tasks
 from worker.celery_app import make_app
 
-# 4000 MNIST-1D samples -> 3200 training samples; kn = ref_batch = 32 is the baseline.
-SPEC: dict[str, Any] = {
-    "model": "mlp",
-    "dataset": "mnist1d",
-    "dataset_size": 4000,
-    "epochs": 4,
-    "warmup_epochs": 1,
-    "batch_per_worker": 32,
-    "workers": 4,
-    "ref_batch": 32,
-    "base_lr": 0.05,
-    "noise_every": 10,
-}
-
-
-@pytest.fixture()
-def broker_url(tmp_path) -> str:
-    return f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+# test_api's spec (kn = ref_batch = 32 is the baseline), measuring the noise scale.
+SPEC: dict[str, Any] = {**API_SPEC, "noise_every": 10}
 
 
 @pytest.fixture()
