@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
+from test_fit import params_of, run, tiny  # tiny: k=4, n=8 (kn=32), 5 batches an epoch
 
 import trainer.data
 import trainer.splits
@@ -18,7 +19,6 @@ from server.app import create_app
 from trainer import fit
 from trainer.batches import Layout, epoch_permutation
 from trainer.checkpoint import load_checkpoint
-from trainer.loop import FitResult
 from trainer.models import build_model
 from trainer.norms import set_group_size
 from trainer.schedule import Schedule
@@ -29,40 +29,6 @@ FORWARDS = 5  # 160 training samples / kn = 32
 
 
 pytestmark = pytest.mark.usefixtures("batchlab_home", "one_torch_thread")
-
-
-def tiny(**kw: Any) -> RunSpec:
-    """k=4 workers of n=8 (kn=32) on 160 synthetic training samples: 5 kn batches per
-    epoch; ref_batch 8 makes the peak LR 4x base_lr, reached after 1 epoch of warmup."""
-    base: dict[str, Any] = {
-        "model": "mlp",
-        "dataset": "synthetic",
-        "dataset_size": 200,
-        "epochs": 2,
-        "workers": 4,
-        "batch_per_worker": 8,
-        "base_lr": 0.05,
-        "ref_batch": 8,
-        "warmup": "gradual",
-        "warmup_epochs": 1,
-        "decay": "step",
-        "milestones": [1.6],
-        "device": "cpu",
-        "seed": 3,
-    }
-    base.update(kw)
-    return RunSpec(**base)
-
-
-def run(spec: RunSpec, run_dir: Path | None = None, **kw: Any) -> tuple[MemorySink, FitResult]:
-    sink = MemorySink()
-    return sink, fit(spec, sink, run_dir=run_dir, **kw)
-
-
-def params_of(run_dir: Path) -> dict[str, torch.Tensor]:
-    state = load_checkpoint(run_dir / "checkpoint.pt")
-    assert state is not None
-    return state["model"]
 
 
 def test_one_split_is_the_plain_loop_bit_for_bit(
@@ -276,7 +242,6 @@ def test_the_api_answers_422_naming_the_field_and_plans_updates(
 def test_derived_figures_give_the_samples_of_one_update() -> None:
     """The dashboard's samples axis and samples/s multiply steps by ``update_batch``:
     kn/m with backward splits (each logged step is one update of kn/m samples)."""
-    from trainer.spec import RunSpec
 
     spec = RunSpec(workers=4, batch_per_worker=32, backward_splits=4, dataset_size=2048)
     derived = spec.summary_dict()
