@@ -34,6 +34,7 @@ from store import db, runs
 from trainer import advice
 from trainer.plan import default_name, plan_ladder
 from trainer.spec import RunSpec
+from worker.recovery import publish
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def advance(
         ]
     settled = Settled(group_id, decision.state, decision.message, ids)
     for run_id, (_, spec, _) in zip(ids, decision.runs, strict=True):
-        if _send(engine, run_id, spec, enqueue, celery_app):
+        if publish(engine, run_id, spec, enqueue, celery_app):  # else the reconciler's
             settled.sent.append(run_id)
     log.info("auto sweep %s: %s", group_id, decision.message)
     return settled
@@ -193,22 +194,6 @@ def _why_unmeasured(points: dict[int, tuple[list[int], list[float]]], last: dict
         f"the baseline logged no {key} in the last half of its training ({seen}): the "
         "noise-scale estimate was not positive there; nothing queued"
     )
-
-
-def _send(
-    engine: Engine, run_id: int, spec: RunSpec, enqueue: Enqueue | None, celery_app: Any
-) -> bool:
-    try:
-        if enqueue is not None:
-            enqueue(run_id, spec)
-        else:
-            from worker.celery_app import enqueue as send
-
-            send(run_id, spec, celery_app=celery_app, engine=engine)
-        return True
-    except Exception:  # queued with no message: the reconciler re-sends it
-        log.warning("auto sweep run %s: could not send; the reconciler will", run_id, exc_info=True)
-        return False
 
 
 def _dump(spec: RunSpec) -> dict[str, Any]:

@@ -125,17 +125,18 @@ def _send(
     finds the run queued. If the broker is down, put the run back to ``running`` with
     its old heartbeat: the next reap tries again instead of leaving it queued with no
     message."""
-    if _publish(engine, run_id, spec, enqueue, celery_app):
+    if publish(engine, run_id, spec, enqueue, celery_app):
         return True
     with db.session(engine) as s:
         runs.undo_requeue(s, run_id, heartbeat_at=last_beat)
     return False
 
 
-def _publish(
+def publish(
     engine: Engine, run_id: int, spec: Any, enqueue: Enqueue | None, celery_app: Any
 ) -> bool:
-    """Send the run's message (through ``enqueue`` when given); False if the broker failed."""
+    """Send the run's message (through ``enqueue`` when given); False if the broker failed
+    (the run stays queued with no message: the reconciler re-sends it)."""
     try:
         if enqueue is not None:
             enqueue(run_id, spec)
@@ -145,7 +146,7 @@ def _publish(
             send(run_id, spec, celery_app=celery_app, engine=engine)
         return True
     except Exception:
-        log.warning("run %s: could not re-send; will retry", run_id, exc_info=True)
+        log.warning("run %s: could not send its message; will retry", run_id, exc_info=True)
         return False
 
 
@@ -302,4 +303,4 @@ def _resend(engine: Engine, run_id: int, enqueue: Enqueue | None, celery_app: An
         with db.session(engine) as s:
             runs.mark_finished(s, run_id, RunStatus.FAILED, error=f"invalid spec on re-send: {exc}")
         return False
-    return _publish(engine, run_id, spec, enqueue, celery_app)
+    return publish(engine, run_id, spec, enqueue, celery_app)
