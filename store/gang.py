@@ -52,14 +52,10 @@ class NodeClaim:
     worker: str  # a slot freed by pruning may be taken again: rows match on the worker too
 
 
-def _rows(s: Session, run_id: int, attempt: int) -> list[RunNode]:
-    q = sa.select(RunNode).where(RunNode.run_id == run_id, RunNode.attempt == attempt)
-    return list(s.scalars(q.order_by(RunNode.slot)))
-
-
 def members(s: Session, run_id: int, attempt: int) -> list[RunNode]:
     """The nodes of ``attempt`` by slot (slot 0 holds the rendezvous endpoint)."""
-    return _rows(s, run_id, attempt)
+    q = sa.select(RunNode).where(RunNode.run_id == run_id, RunNode.attempt == attempt)
+    return list(s.scalars(q.order_by(RunNode.slot)))
 
 
 def _forming_runs(s: Session, queue: str, now: datetime) -> list[Run]:
@@ -146,7 +142,7 @@ def join(
         attempt = (run.attempts or 0) + 1
         _lock_run(s, run.id)
         _prune(s, run.id, attempt, cutoff)
-        rows = _rows(s, run.id, attempt)
+        rows = members(s, run.id, attempt)
         mine = next((r for r in rows if r.worker == worker), None)
         if mine is not None:  # a second token reached the same worker
             return NodeClaim(run.id, attempt, mine.slot, run.nodes, worker)
@@ -203,7 +199,7 @@ def start(s: Session, claim: NodeClaim, *, silent_s: float, now: datetime | None
     now = now or utcnow()
     _lock_run(s, claim.run_id)
     _prune(s, claim.run_id, claim.attempt, now - timedelta(seconds=silent_s))
-    rows = _rows(s, claim.run_id, claim.attempt)
+    rows = members(s, claim.run_id, claim.attempt)
     if len(rows) < claim.nodes:
         return False
     count = (
@@ -302,7 +298,7 @@ def lost_peer(
     (killed, its machine gone), or, with ``failed_for_s``, ``failed`` that long ago (its
     torchrun died while this node's ranks may wait in a collective)."""
     now = now or utcnow()
-    for row in _rows(s, claim.run_id, claim.attempt):
+    for row in members(s, claim.run_id, claim.attempt):
         if row.slot == claim.slot:
             continue
         if row.state == RUNNING and row.beat_at < now - timedelta(seconds=silent_s):
